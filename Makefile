@@ -1,0 +1,42 @@
+# The two commands of the README: `make run` (the whole tiny pipeline, headless, with its
+# report) and `make test` (unit tests + nbval over notebooks/). Both set up everything
+# themselves on a fresh machine and are quick when already set up.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+RUN_ID ?= $(shell date +%Y%m%d-%H%M%S)
+PROFILE ?= tiny
+PARAMS ?= papermill_runs/$(PROFILE).yaml
+
+.PHONY: setup run test unit nbval lab pretrain clean-cache
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (nb-edit)" >/dev/null
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m nb_edit run --run-id $(RUN_ID) -f $(PARAMS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+	NB_EDIT_SMOKE=1 $(PY) -m pytest -q -p no:python --nbval-lax --nbval-current-env \
+	  --nbval-sanitize-with notebooks/nbval_sanitize.cfg --nbval-cell-timeout 900 notebooks
+
+unit: $(STAMP)
+	$(PY) -m pytest -q tests
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+
+pretrain: $(STAMP)
+	$(PY) -m nb_edit pretrain
+
+clean-cache:
+	rm -rf data/cache

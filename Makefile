@@ -24,10 +24,14 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(PY) -m nb_edit run --run-id $(RUN_ID) -f $(PARAMS)
 
+# pytest exits 5 when it collects nothing: said aloud, not taken for a failure.
+PYTEST_OK = rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; else exit $$rc; fi
+
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests || { $(PYTEST_OK); }
 	NB_EDIT_SMOKE=1 $(PY) -m pytest -q -p no:python --nbval-lax --nbval-current-env \
-	  --nbval-sanitize-with notebooks/nbval_sanitize.cfg --nbval-cell-timeout 900 notebooks
+	  --nbval-sanitize-with notebooks/nbval_sanitize.cfg --nbval-cell-timeout 900 notebooks \
+	  || { $(PYTEST_OK); }
 
 unit: $(STAMP)
 	$(PY) -m pytest -q tests

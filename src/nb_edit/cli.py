@@ -1,0 +1,119 @@
+"""Command line: ``python -m nb_edit <command>``.
+
+* ``run``    - execute every notebook in order with papermill into ``papermill_runs/<run_id>/``,
+               then write the run's ``config.json`` and ``report.md`` (what ``make run`` calls);
+* ``report`` - rewrite the report of an existing run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import __version__, paths, report, runs
+
+
+def notebook_list(only: str | None = None) -> list[Path]:
+    """The numbered notebooks ``NN_topic.ipynb`` in order, optionally filtered by number."""
+    books = sorted(p for p in paths.notebooks_dir().glob("[0-9][0-9]_*.ipynb"))
+    if only:
+        wanted = {w.strip().zfill(2) for w in only.split(",") if w.strip()}
+        books = [b for b in books if b.name[:2] in wanted]
+        if not books:
+            raise SystemExit(f"--only {only!r} matched no notebook in {paths.notebooks_dir()}")
+    return books
+
+
+def load_parameters(files: list[str], pairs: list[list[str]]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for file in files:
+        path = Path(file)
+        if not path.is_absolute() and not path.exists():
+            path = paths.repo_root() / file
+        if not path.exists():
+            raise SystemExit(f"parameter file {file!r} not found; see papermill_runs/README.md.")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise SystemExit(f"parameter file {file!r} must hold a mapping of name: value.")
+        params.update(loaded)
+    for key, value in pairs:
+        params[key] = yaml.safe_load(value)
+    return params
+
+
+def environment() -> dict[str, str]:
+    import torch
+
+    versions = {"nb_edit": __version__, "python": platform.python_version(), "torch": torch.__version__}
+    for name in ("diffusers", "transformers", "peft", "bitsandbytes", "papermill"):
+        try:
+            versions[name] = __import__(name).__version__
+        except Exception as exc:  # an optional piece that fails to import is reported, not fatal
+            versions[name] = f"unavailable ({type(exc).__name__})"
+    versions["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
+    return versions
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import papermill as pm
+
+    run = runs.open_run(args.run_id or runs.new_run_id())
+    params = load_parameters(args.file, args.parameter)
+    params["run_id"] = run.run_id
+    books = notebook_list(args.only)
+    config = {"run_id": run.run_id, "parameters": params, "notebooks": [b.name for b in books],
+              "environment": environment(), "timings_s": {}}
+    runs.write_config(run, config)
+    print(f"run {run.run_id}: {len(books)} notebooks -> {run.dir}", flush=True)
+    status = 0
+    for book in books:
+        start = time.perf_counter()
+        print(f"== {book.name}", flush=True)
+        try:
+            pm.execute_notebook(
+                str(book), str(run.dir / book.name), parameters=params, kernel_name="python3",
+                cwd=str(paths.notebooks_dir()), log_output=args.log_output,
+                execution_timeout=args.cell_timeout, progress_bar=False,
+            )
+        except pm.PapermillExecutionError as exc:
+            print(f"{book.name} failed: {exc.ename}: {exc.evalue}", file=sys.stderr)
+            status = 1
+        config["timings_s"][book.name] = time.perf_counter() - start
+        runs.write_config(run, config)
+        if status:
+            break
+    path = report.write_report(run)
+    print(f"report: {path}")
+    return status
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    run = runs.open_run(args.run_id)
+    print(report.write_report(run))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nb_edit", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="execute the notebooks headlessly into a run folder")
+    run.add_argument("--run-id", default="", help="folder name under papermill_runs/ (default: date-time)")
+    run.add_argument("-f", "--file", action="append", default=[], help="YAML parameter file (repeatable)")
+    run.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
+    run.add_argument("--only", default=None, help="comma-separated notebook numbers, e.g. 00,01")
+    run.add_argument("--cell-timeout", type=int, default=3600)
+    run.add_argument("--log-output", action="store_true", help="stream cell outputs to the terminal")
+    run.set_defaults(func=cmd_run)
+    rep = sub.add_parser("report", help="rewrite report.md of a run")
+    rep.add_argument("--run-id", required=True)
+    rep.set_defaults(func=cmd_report)
+    args = parser.parse_args(argv)
+    return args.func(args)

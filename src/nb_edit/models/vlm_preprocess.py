@@ -1,0 +1,241 @@
+"""Differentiable image preprocessing for the VLM judge (NP-Edit, Sec. 3.2).
+
+NP-Edit back-propagates the judge's yes/no loss into the editor, so the pixels an editor
+produces must reach the VLM through torch operations only: clamp, resize, normalise and
+(for Qwen-VL) the patch layout, never PIL. The functions here reproduce what the model's own
+image processor does (``CLIPImageProcessor`` for the LLaVA family, ``Qwen2VLImageProcessor``
+for Qwen2-VL and Qwen2.5-VL) on float tensors and keep the autograd graph intact.
+
+Input convention: images are float tensors ``(B, 3, H, W)`` in ``[-1, 1]`` (the project's
+convention) unless ``input_range=(0.0, 1.0)`` is passed. Values outside the range are clamped,
+exactly as a uint8 image would be, so out-of-range pixels get no gradient.
+
+Where torch and PIL differ: PIL resizes uint8 images with a bicubic kernel (a = -0.5) that
+widens with the downscale factor; ``torch.nn.functional.interpolate(mode="bicubic",
+antialias=True)`` implements the same kernel, so the only systematic gap is PIL's rounding
+to uint8 after the resize (at most half a grey level, i.e. ~0.008 in normalised units for
+CLIP's standard deviations). PIL's LANCZOS has no torch counterpart; it is approximated by
+antialiased bicubic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+# PIL resampling filter ids (PIL.Image.Resampling) -> torch interpolation modes.
+_PIL_TO_TORCH_MODE = {0: "nearest", 1: "bicubic", 2: "bilinear", 3: "bicubic"}
+
+
+def _torch_mode(resample: Any) -> str:
+    code = int(resample) if resample is not None else 2
+    if code not in _PIL_TO_TORCH_MODE:
+        raise ValueError(
+            f"resample={resample!r} has no torch counterpart; use BICUBIC (3), BILINEAR (2) or NEAREST (0)."
+        )
+    return _PIL_TO_TORCH_MODE[code]
+
+
+def to_unit_range(images: torch.Tensor, input_range: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
+    """Map ``(B, 3, H, W)`` images from ``input_range`` to ``[0, 1]`` and clamp (float32)."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(
+            f"images must be a float tensor (B, 3, H, W); got shape {tuple(images.shape)}. "
+            "Add a batch dimension with images[None] or move channels first with permute(0, 3, 1, 2)."
+        )
+    if not images.is_floating_point():
+        raise ValueError(
+            f"images must be floating point in {input_range}; got {images.dtype}. "
+            "Convert uint8 renders with images.float() / 127.5 - 1."
+        )
+    low, high = input_range
+    unit = (images.float() - low) / (high - low)
+    return unit.clamp(0.0, 1.0)
+
+
+def _resize(unit: torch.Tensor, height: int, width: int, mode: str) -> torch.Tensor:
+    if unit.shape[-2:] == (height, width):
+        return unit
+    if mode == "nearest":
+        resized = F.interpolate(unit, size=(height, width), mode="nearest")
+    else:
+        resized = F.interpolate(unit, size=(height, width), mode=mode, align_corners=False, antialias=True)
+    # A uint8 image cannot overshoot: PIL clips the bicubic ringing, so do we.
+    return resized.clamp(0.0, 1.0)
+
+
+def _normalise(unit: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    mean_t = torch.tensor(mean, dtype=unit.dtype, device=unit.device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=unit.dtype, device=unit.device).view(1, -1, 1, 1)
+    return (unit - mean_t) / std_t
+
+
+def _size_field(size: Any, key: str) -> int | None:
+    value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+    return int(value) if value is not None else None
+
+
+def _check_rescale(processor: Any) -> None:
+    factor = getattr(processor, "rescale_factor", 1 / 255)
+    if getattr(processor, "do_rescale", True) and abs(factor - 1 / 255) > 1e-9:
+        raise ValueError(
+            f"{type(processor).__name__}.rescale_factor={factor} is not 1/255; the torch preprocessing "
+            "assumes uint8-style inputs rescaled to [0, 1]."
+        )
+
+
+@dataclass(frozen=True)
+class ClipPreprocess:
+    """``CLIPImageProcessor`` in torch: resize, centre crop, rescale, normalise -> ``pixel_values``.
+
+    ``shortest_edge`` resizes the short side keeping the aspect ratio (long side truncated like
+    ``transformers.image_transforms.get_resize_output_image_size``); ``resize_hw`` resizes to a
+    fixed size instead. Output: ``(B, 3, crop_h, crop_w)`` float32.
+    """
+
+    shortest_edge: int | None
+    resize_hw: tuple[int, int] | None
+    crop_hw: tuple[int, int] | None
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    mode: str = "bicubic"
+    do_normalize: bool = True
+
+    @classmethod
+    def from_image_processor(cls, processor: Any) -> "ClipPreprocess":
+        _check_rescale(processor)
+        size = processor.size
+        shortest = _size_field(size, "shortest_edge")
+        height, width = _size_field(size, "height"), _size_field(size, "width")
+        if not getattr(processor, "do_resize", True):
+            shortest, resize_hw = None, None
+        elif shortest is not None and _size_field(size, "longest_edge") is None:
+            resize_hw = None
+        elif height is not None and width is not None:
+            shortest, resize_hw = None, (height, width)
+        else:
+            raise ValueError(
+                f"{type(processor).__name__}.size={dict(size)} is not supported; give either "
+                "{'shortest_edge': N} or {'height': H, 'width': W}."
+            )
+        crop_hw = None
+        if getattr(processor, "do_center_crop", False):
+            crop_hw = (_size_field(processor.crop_size, "height"), _size_field(processor.crop_size, "width"))
+        return cls(
+            shortest_edge=shortest,
+            resize_hw=resize_hw,
+            crop_hw=crop_hw,
+            image_mean=tuple(processor.image_mean),
+            image_std=tuple(processor.image_std),
+            mode=_torch_mode(processor.resample),
+            do_normalize=bool(getattr(processor, "do_normalize", True)),
+        )
+
+    def output_hw(self, height: int, width: int) -> tuple[int, int]:
+        if self.crop_hw is not None:
+            return self.crop_hw
+        return self._resized_hw(height, width)
+
+    def _resized_hw(self, height: int, width: int) -> tuple[int, int]:
+        if self.resize_hw is not None:
+            return self.resize_hw
+        if self.shortest_edge is None:
+            return height, width
+        short, long = min(height, width), max(height, width)
+        new_long = int(self.shortest_edge * long / short)
+        return (self.shortest_edge, new_long) if height <= width else (new_long, self.shortest_edge)
+
+    def __call__(self, images: torch.Tensor, input_range: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
+        unit = to_unit_range(images, input_range)
+        unit = _resize(unit, *self._resized_hw(*unit.shape[-2:]), self.mode)
+        if self.crop_hw is not None:
+            unit = _center_crop(unit, *self.crop_hw)
+        return _normalise(unit, self.image_mean, self.image_std) if self.do_normalize else unit
+
+
+def _center_crop(unit: torch.Tensor, crop_h: int, crop_w: int) -> torch.Tensor:
+    height, width = unit.shape[-2:]
+    pad_h, pad_w = max(crop_h - height, 0), max(crop_w - width, 0)
+    if pad_h or pad_w:  # the processor pads small images with zeros (centred, extra on the far side)
+        top, left = (pad_h + 1) // 2, (pad_w + 1) // 2
+        unit = F.pad(unit, (left, pad_w - left, top, pad_h - top))
+        height, width = unit.shape[-2:]
+    top, left = (height - crop_h) // 2, (width - crop_w) // 2
+    return unit[..., top : top + crop_h, left : left + crop_w]
+
+
+@dataclass(frozen=True)
+class QwenVLPreprocess:
+    """``Qwen2VLImageProcessor`` in torch (Qwen2-VL and Qwen2.5-VL share it).
+
+    Resize each image to multiples of ``patch_size * merge_size`` with its pixel count inside
+    ``[min_pixels, max_pixels]`` (``smart_resize``), rescale and normalise, then flatten it to
+    the vision tower's patch rows: each patch repeated ``temporal_patch_size`` times (a still
+    image is a two-frame clip), patches ordered merge-window by merge-window.
+    Output: ``pixel_values`` ``(B * grid_h * grid_w, 3 * T * p * p)`` and ``image_grid_thw``
+    ``(B, 3)`` = ``(1, grid_h, grid_w)`` per image.
+    """
+
+    patch_size: int
+    merge_size: int
+    temporal_patch_size: int
+    min_pixels: int
+    max_pixels: int
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    mode: str = "bicubic"
+
+    @classmethod
+    def from_image_processor(cls, processor: Any) -> "QwenVLPreprocess":
+        _check_rescale(processor)
+        size = processor.size
+        min_pixels = _size_field(size, "shortest_edge") or getattr(processor, "min_pixels", None)
+        max_pixels = _size_field(size, "longest_edge") or getattr(processor, "max_pixels", None)
+        if min_pixels is None or max_pixels is None:
+            raise ValueError(
+                f"{type(processor).__name__}.size={dict(size)} lacks 'shortest_edge'/'longest_edge' "
+                "(min/max pixels); build the processor with min_pixels=... and max_pixels=..."
+            )
+        return cls(
+            patch_size=int(processor.patch_size),
+            merge_size=int(processor.merge_size),
+            temporal_patch_size=int(processor.temporal_patch_size),
+            min_pixels=int(min_pixels),
+            max_pixels=int(max_pixels),
+            image_mean=tuple(processor.image_mean),
+            image_std=tuple(processor.image_std),
+            mode=_torch_mode(processor.resample),
+        )
+
+    def resized_hw(self, height: int, width: int) -> tuple[int, int]:
+        return smart_resize(
+            height, width, factor=self.patch_size * self.merge_size,
+            min_pixels=self.min_pixels, max_pixels=self.max_pixels,
+        )
+
+    def tokens_per_image(self, height: int, width: int) -> int:
+        """Image placeholder tokens the language model sees: grid_h * grid_w / merge^2."""
+        resized_h, resized_w = self.resized_hw(height, width)
+        return (resized_h // self.patch_size) * (resized_w // self.patch_size) // self.merge_size**2
+
+    def __call__(
+        self, images: torch.Tensor, input_range: tuple[float, float] = (-1.0, 1.0)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        unit = to_unit_range(images, input_range)
+        resized_h, resized_w = self.resized_hw(*unit.shape[-2:])
+        unit = _normalise(_resize(unit, resized_h, resized_w, self.mode), self.image_mean, self.image_std)
+        batch, channels = unit.shape[:2]
+        patch, merge, temporal = self.patch_size, self.merge_size, self.temporal_patch_size
+        grid_h, grid_w = resized_h // patch, resized_w // patch
+        patches = unit.reshape(batch, channels, grid_h // merge, merge, patch, grid_w // merge, merge, patch)
+        # -> (batch, window row, window col, row in window, col in window, channel, py, px)
+        patches = patches.permute(0, 2, 5, 3, 6, 1, 4, 7)
+        # Repeat each patch along a new time axis placed after the channel axis: rows become C*T*p*p.
+        patches = patches.unsqueeze(6).expand(*patches.shape[:6], temporal, patch, patch)
+        pixel_values = patches.reshape(batch * grid_h * grid_w, channels * temporal * patch * patch)
+        grid_thw = torch.tensor([[1, grid_h, grid_w]] * batch, dtype=torch.long, device=unit.device)
+        return pixel_values, grid_thw

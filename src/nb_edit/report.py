@@ -1,0 +1,63 @@
+"""The run report: ``papermill_runs/<run_id>/report.md``.
+
+It lists every metric of the run's ``metrics.json`` (grouped by their first name part, with
+the seed-study ``.sd``/``.n`` folded into the mean's row) and shows every figure the notebooks
+saved under ``figures/``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from .runs import Run, read_metrics
+
+
+def _format(value: float) -> str:
+    if float(value).is_integer() and abs(value) < 1e9:
+        return str(int(value))
+    return f"{value:.4g}"
+
+
+def metrics_table(metrics: dict[str, float]) -> str:
+    """Markdown tables of the metrics, one per group, ``mean ± sd (n)`` where a seed study ran."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for key in sorted(metrics):
+        if key.endswith(".sd") or key.endswith(".n"):
+            base = key.rsplit(".", 1)[0]
+            if base in metrics:
+                continue
+        groups[key.split(".", 1)[0]].append(key)
+    lines: list[str] = []
+    for group, keys in groups.items():
+        lines += [f"### {group}", "", "| metric | value |", "|---|---|"]
+        for key in keys:
+            cell = _format(metrics[key])
+            if f"{key}.sd" in metrics and f"{key}.n" in metrics:
+                cell += f" ± {_format(metrics[key + '.sd'])} (n={_format(metrics[key + '.n'])})"
+            lines.append(f"| `{key}` | {cell} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(run: Run, title: str | None = None) -> Path:
+    metrics = read_metrics(run)
+    config_path = run.dir / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    lines = [f"# {title or 'nb-edit run ' + run.run_id}", ""]
+    if config:
+        settings = ", ".join(f"{k}={v}" for k, v in sorted(config.get("parameters", {}).items()))
+        lines += [f"Parameters: {settings or '(defaults)'}", ""]
+        if "timings_s" in config:
+            lines += ["Notebook wall times (s): " + ", ".join(
+                f"{name} {sec:.0f}" for name, sec in config["timings_s"].items()), ""]
+    lines += ["## Metrics", "", metrics_table(metrics) if metrics else "(no metrics recorded)", ""]
+    figures = sorted((run.dir / "figures").glob("*.png")) if (run.dir / "figures").exists() else []
+    if figures:
+        lines += ["## Figures", ""]
+        for fig in figures:
+            lines += [f"### {fig.stem}", "", f"![{fig.stem}](figures/{fig.name})", ""]
+    path = run.dir / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path

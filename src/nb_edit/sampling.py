@@ -39,7 +39,8 @@ def batch_t(t: Tensor | float, x: Tensor) -> Tensor:
     if t.dim() == 0:
         return t.expand(x.shape[0])
     if t.shape != (x.shape[0],):
-        raise ValueError(f"t has shape {tuple(t.shape)}; expected a scalar or ({x.shape[0]},) for a batch of {x.shape[0]}.")
+        raise ValueError(f"t has shape {tuple(t.shape)}; expected a scalar or "
+                         f"({x.shape[0]},) for a batch of {x.shape[0]}.")
     return t
 
 
@@ -63,6 +64,12 @@ def randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
     """Standard normal noise shaped like ``x``, drawn on the generator's device for reproducibility."""
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
+def _randint(high: int, size: int, generator: torch.Generator | None) -> Tensor:
+    """``size`` integers in ``[0, high)`` from ``generator`` (on its device), returned on CPU."""
+    device = generator.device if generator is not None else "cpu"
+    return torch.randint(high, (size,), generator=generator, device=device).cpu()
 
 
 def euler_sample(velocity_fn: VelocityFn, noise: Tensor, sigmas: Tensor, *, grad: bool = False,
@@ -96,8 +103,8 @@ def unroll_two_steps(velocity_fn: VelocityFn, noise: Tensor, sigmas: Tensor,
 
     t_first = batch_t(float(sigmas[0]), noise)
     x0_hat = x0_from_velocity(noise, call(noise, t_first), t_first)  # NP-Edit: x0_hat = eps - G(eps, 1)
-    pick = torch.randint(len(interior), (noise.shape[0],), generator=generator, device=generator.device if generator else "cpu")
-    t = interior[pick.cpu()].to(device=noise.device, dtype=noise.dtype)  # t ~ {0.75, 0.5, 0.25} for 4 steps
+    pick = _randint(len(interior), noise.shape[0], generator)
+    t = interior[pick].to(device=noise.device, dtype=noise.dtype)  # t ~ {0.75, 0.5, 0.25} for 4 steps
     fresh_noise = randn_like(noise, generator)
     x_t = add_noise(x0_hat, fresh_noise, t)  # re-noise with fresh eps'
     x0 = x0_from_velocity(x_t, call(x_t, t), t)  # the trained output: x0 = x_t - t G(x_t, t)
@@ -172,13 +179,13 @@ def sde_sample(velocity_fn: VelocityFn, noise: Tensor, sigmas: Tensor, noise_lev
     elif isinstance(train_steps, int):
         if not 1 <= train_steps <= num_steps:
             raise ValueError(f"train_steps={train_steps} must be in [1, {num_steps}] for a {num_steps}-step schedule.")
-        start = int(torch.randint(num_steps - train_steps + 1, (1,), generator=generator, device=generator.device if generator else "cpu"))
+        start = int(_randint(num_steps - train_steps + 1, 1, generator))
         steps = list(range(start, start + train_steps))
     else:
         steps = sorted(set(int(k) for k in train_steps))
         if not steps or steps[0] < 0 or steps[-1] >= num_steps:
             raise ValueError(f"train_steps={list(train_steps)} must be non-empty indices in [0, {num_steps - 1}].")
-    sigma_cap = float(sigmas[1]) if num_steps > 1 else 0.99
+    sigma_cap = float(sigmas[1]) if num_steps > 1 else 0.99  # bounds the noise of the step from sigma = 1
     x, latents, log_probs = noise, [noise], []
     for k in range(num_steps):
         sigma, sigma_next = float(sigmas[k]), float(sigmas[k + 1])

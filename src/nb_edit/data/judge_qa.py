@@ -1,0 +1,143 @@
+"""Question-answer data for training the tiny VLM judge, labelled by the oracle.
+
+Each example is (source image, output image, question, answer). Outputs are drawn the way
+a judge meets them during training of an editor: correct edits, unchanged sources, wrong and
+partial edits, collateral changes, artifacts, and generator-like blurs and blends of source
+and target (hard negatives). Every label comes from the oracle's verdict on the actual
+pixels (``world.judge`` / ``world.parse``), never from how the output was made, so a label
+is right even where a corruption happened to be harmless.
+
+Questions follow :mod:`nb_edit.questions` (the NP-Edit pair, the remove variant, presence,
+quality). Perception targets for the vision tower's first stage come from the same renders:
+per patch, the colour, shape and texture of the object that covers it (or background), plus
+the image's background colour and style.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from nb_edit import questions, world
+from nb_edit.world.config import OBJECT_COLOURS
+from nb_edit.world.render import object_layer
+
+OUTPUT_KINDS = ("target", "source", "noisy", "blur", "blend", "other_target")
+
+
+@dataclass
+class QAExample:
+    source: np.ndarray  # uint8 (H, W, 3)
+    output: np.ndarray  # uint8 (H, W, 3)
+    question: str
+    answer: str  # "yes" | "no" | "0".."5"
+    kind: str  # followed | preserved | present | quality
+
+
+def random_edit(scene: world.Scene, rng: np.random.Generator, cfg: world.WorldConfig) -> world.Edit:
+    """A valid edit of a uniformly drawn type that is possible for ``scene``."""
+    for _ in range(20):
+        try:
+            return world.sample_edit(scene, rng, cfg, str(rng.choice(world.EDIT_TYPES)))
+        except ValueError:  # impossible for this scene: draw another type
+            continue
+    return world.sample_edit(scene, rng, cfg, "noop")
+
+
+def candidate_output(edit: world.Edit, kind: str, rng: np.random.Generator, cfg: world.WorldConfig) -> np.ndarray:
+    source, target = world.render(edit.source, cfg), world.render(edit.target, cfg)
+    if kind == "target":
+        return target
+    if kind == "source":
+        return source
+    if kind == "noisy":
+        return world.noisy_target(edit, rng, cfg).image
+    if kind == "blur":
+        return world.degrade(target, rng, noise_std=float(rng.uniform(0.0, 0.08)), blur_sigma=float(rng.uniform(0.3, 1.2)))
+    if kind == "blend":
+        alpha = float(rng.uniform(0.2, 0.8))
+        return np.rint(alpha * target.astype(float) + (1 - alpha) * source.astype(float)).astype(np.uint8)
+    if kind == "other_target":
+        return world.render(random_edit(edit.source, rng, cfg).target, cfg)
+    raise ValueError(f"output kind {kind!r} is unknown; use one of {OUTPUT_KINDS}.")
+
+
+def removed_object_name(edit: world.Edit) -> str | None:
+    if edit.edit_type != "remove" or edit.obj_index < 0:
+        return None
+    obj = edit.source.objects[edit.obj_index]
+    return f"{obj.colour} {obj.shape}"
+
+
+def _has(scene: world.Scene, name: str) -> bool:
+    return any(f"{o.colour} {o.shape}" == name for o in scene.objects)
+
+
+def edit_examples(edit: world.Edit, output: np.ndarray, cfg: world.WorldConfig) -> list[QAExample]:
+    """The NP-Edit questions about one output, answered by the oracle."""
+    source = world.render(edit.source, cfg)
+    verdict = world.judge(source, edit, output, cfg)
+    yes = lambda flag: "yes" if flag else "no"  # noqa: E731
+    examples = [QAExample(source, output, questions.preserved(edit.instruction), yes(verdict.preserved), "preserved"),
+                QAExample(source, output, questions.followed(edit.instruction), yes(verdict.followed), "followed"),
+                QAExample(source, output, questions.QUALITY, str(int(round(5 * verdict.quality))), "quality")]
+    removed = removed_object_name(edit)
+    if removed is not None:  # NP-Edit's remove variant: "does image 2 contain <object>?" -> no
+        parsed = world.parse(output, cfg).scene
+        examples.append(QAExample(source, output, questions.present(removed), yes(_has(parsed, removed)), "present"))
+    return examples
+
+
+def presence_example(scene: world.Scene, rng: np.random.Generator, cfg: world.WorldConfig) -> QAExample:
+    """A single-image question (image 2 alone matters): is there a <colour> <shape>?"""
+    image = world.render(scene, cfg)
+    if rng.random() < 0.5 and scene.objects:
+        obj = scene.objects[int(rng.integers(len(scene.objects)))]
+        name = f"{obj.colour} {obj.shape}"
+    else:
+        name = f"{rng.choice(cfg.colours)} {rng.choice(cfg.shapes)}"
+    return QAExample(image, image, questions.present(name), "yes" if _has(scene, name) else "no", "present")
+
+
+def qa_batch(cfg: world.WorldConfig, rng: np.random.Generator, batch_size: int,
+             edit_share: float = 1.0, kind_weights: dict[str, float] | None = None) -> list[QAExample]:
+    """A batch mixing NP-Edit questions on edits (share ``edit_share``) and presence questions."""
+    weights = kind_weights or {"target": 3, "source": 1.5, "noisy": 2, "blur": 1, "blend": 1, "other_target": 1}
+    kinds, probs = list(weights), np.array(list(weights.values()), dtype=float)
+    out: list[QAExample] = []
+    while len(out) < batch_size:
+        scene = world.sample_scene(rng, cfg)
+        if rng.random() >= edit_share:
+            out.append(presence_example(scene, rng, cfg))
+            continue
+        edit = random_edit(scene, rng, cfg)
+        kind = str(rng.choice(kinds, p=probs / probs.sum()))
+        try:
+            output = candidate_output(edit, kind, rng, cfg)
+        except ValueError:  # e.g. no wrong edit exists for this scene
+            continue
+        examples = edit_examples(edit, output, cfg)
+        out.append(examples[int(rng.integers(len(examples)))])
+    return out[:batch_size]
+
+
+def perception_targets(scene: world.Scene, cfg: world.WorldConfig, patch: int) -> dict[str, np.ndarray]:
+    """Per-patch labels (colour, shape, texture of the covering object; 0 = background) and
+    image labels (background colour, style) for the vision tower's perception stage."""
+    res, grid = cfg.resolution, cfg.resolution // patch
+    best = np.zeros((grid, grid))
+    labels = {k: np.zeros((grid, grid), dtype=np.int64) for k in ("colour", "shape", "texture")}
+    colours = list(OBJECT_COLOURS)
+    for obj in scene.objects:
+        alpha, _ = object_layer(obj, scene.background, cfg)
+        cover = alpha[: grid * patch, : grid * patch].reshape(grid, patch, grid, patch).mean(axis=(1, 3))
+        take = (cover > 0.3) & (cover > best)
+        best = np.where(take, cover, best)
+        labels["colour"][take] = 1 + colours.index(obj.colour)
+        labels["shape"][take] = 1 + cfg.shapes.index(obj.shape)
+        labels["texture"][take] = 1 + cfg.textures.index(obj.texture)
+    labels["background"] = np.array(cfg.backgrounds.index(scene.background))
+    labels["style"] = np.array(cfg.styles.index(scene.style))
+    assert res % patch == 0, f"resolution {res} is not a multiple of the patch size {patch}"
+    return labels

@@ -1,0 +1,38 @@
+"""Shared pytest set-up.
+
+The ``bad_input`` marker tags tests that feed the code a broken input (corrupt image, empty
+instruction, wrong notebook parameter...). At the end of a session that ran any of them, the
+number tried and handled (passed) is printed and merged into ``papermill_runs/tests/metrics.json``
+as ``reliability.bad_inputs_tried`` and ``reliability.bad_inputs_handled``.
+"""
+
+from __future__ import annotations
+
+_bad_inputs = {"tried": 0, "handled": 0}
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "bad_input: feeds a broken input; counted in reliability.bad_inputs_* metrics")
+
+
+def pytest_runtest_logreport(report):
+    if "bad_input" not in report.keywords:
+        return
+    # a test counts once: at its call phase, or at setup if it failed (or was skipped) there
+    if report.when == "call" or (report.when == "setup" and not report.passed):
+        if report.skipped:
+            return
+        _bad_inputs["tried"] += 1
+        _bad_inputs["handled"] += int(report.passed)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _bad_inputs["tried"]:
+        return
+    from nb_edit.runs import open_run, record_metrics
+
+    metrics = {"reliability.bad_inputs_tried": _bad_inputs["tried"],
+               "reliability.bad_inputs_handled": _bad_inputs["handled"]}
+    record_metrics(open_run("tests"), metrics)
+    terminalreporter.write_line(" ".join(f"{key}={value}" for key, value in metrics.items()))

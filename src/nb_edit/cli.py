@@ -2,7 +2,9 @@
 
 * ``run``    - execute every notebook in order with papermill into ``papermill_runs/<run_id>/``,
                then write the run's ``config.json`` and ``report.md`` (what ``make run`` calls);
-* ``report`` - rewrite the report of an existing run.
+* ``report``   - rewrite the report of an existing run;
+* ``pretrain`` - make the tiny stand-ins for hub models shipped in ``data/pretrained/``
+                 (what ``make pretrain`` calls; each part is skipped when already made).
 """
 
 from __future__ import annotations
@@ -100,6 +102,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from .training import pretrain_all
+
+    pretrain_all.run(parts=args.only.split(",") if args.only else None, profile=args.profile,
+                     force=args.force, seed=args.seed)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nb_edit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -115,5 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     rep = sub.add_parser("report", help="rewrite report.md of a run")
     rep.add_argument("--run-id", required=True)
     rep.set_defaults(func=cmd_report)
+    pre = sub.add_parser("pretrain", help="make the shipped tiny stand-ins (teacher, editors, judge)")
+    pre.add_argument("--only", default=None, help="comma-separated parts: teacher,clean,noisy,judge")
+    pre.add_argument("--profile", default="tiny", help="tiny (shipped sizes) or smoke (seconds, for tests)")
+    pre.add_argument("--force", action="store_true", help="remake parts that already exist")
+    pre.add_argument("--seed", type=int, default=0)
+    pre.set_defaults(func=cmd_pretrain)
     args = parser.parse_args(argv)
     return args.func(args)

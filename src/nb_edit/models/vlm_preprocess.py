@@ -12,10 +12,10 @@ exactly as a uint8 image would be, so out-of-range pixels get no gradient.
 
 Where torch and PIL differ: PIL resizes uint8 images with a bicubic kernel (a = -0.5) that
 widens with the downscale factor; ``torch.nn.functional.interpolate(mode="bicubic",
-antialias=True)`` implements the same kernel, so the only systematic gap is PIL's rounding
-to uint8 after the resize (at most half a grey level, i.e. ~0.008 in normalised units for
-CLIP's standard deviations). PIL's LANCZOS has no torch counterpart; it is approximated by
-antialiased bicubic.
+antialias=True)`` implements the same kernel (equal to 1e-4 grey levels on float images). The
+remaining gap is PIL's rounding to uint8 after each of its two passes: at most about one grey
+level, i.e. ~0.015 in normalised units for CLIP's standard deviations. PIL's LANCZOS has no
+torch counterpart; it is approximated by antialiased bicubic.
 """
 
 from __future__ import annotations
@@ -61,11 +61,18 @@ def _resize(unit: torch.Tensor, height: int, width: int, mode: str) -> torch.Ten
     if unit.shape[-2:] == (height, width):
         return unit
     if mode == "nearest":
-        resized = F.interpolate(unit, size=(height, width), mode="nearest")
-    else:
-        resized = F.interpolate(unit, size=(height, width), mode=mode, align_corners=False, antialias=True)
-    # A uint8 image cannot overshoot: PIL clips the bicubic ringing, so do we.
-    return resized.clamp(0.0, 1.0)
+        return F.interpolate(unit, size=(height, width), mode="nearest")
+    # PIL resamples a uint8 image in two passes, horizontal then vertical, and stores the
+    # intermediate as uint8: the bicubic ringing is clipped after each pass. Doing the same
+    # (two separable passes, clamp after each) matches sharp edges that one 2-D call would not.
+    resized = unit
+    if unit.shape[-1] != width:
+        resized = F.interpolate(resized, size=(unit.shape[-2], width), mode=mode, align_corners=False, antialias=True)
+        resized = resized.clamp(0.0, 1.0)
+    if unit.shape[-2] != height:
+        resized = F.interpolate(resized, size=(height, width), mode=mode, align_corners=False, antialias=True)
+        resized = resized.clamp(0.0, 1.0)
+    return resized
 
 
 def _normalise(unit: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
@@ -104,6 +111,7 @@ class ClipPreprocess:
     image_std: tuple[float, float, float]
     mode: str = "bicubic"
     do_normalize: bool = True
+    pad_to_square: bool = False  # LlavaImageProcessor's do_pad: centre on a square of the mean colour
 
     @classmethod
     def from_image_processor(cls, processor: Any) -> "ClipPreprocess":
@@ -133,12 +141,8 @@ class ClipPreprocess:
             image_std=tuple(processor.image_std),
             mode=_torch_mode(processor.resample),
             do_normalize=bool(getattr(processor, "do_normalize", True)),
+            pad_to_square=bool(getattr(processor, "do_pad", False)),
         )
-
-    def output_hw(self, height: int, width: int) -> tuple[int, int]:
-        if self.crop_hw is not None:
-            return self.crop_hw
-        return self._resized_hw(height, width)
 
     def _resized_hw(self, height: int, width: int) -> tuple[int, int]:
         if self.resize_hw is not None:
@@ -151,10 +155,24 @@ class ClipPreprocess:
 
     def __call__(self, images: torch.Tensor, input_range: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
         unit = to_unit_range(images, input_range)
+        if self.pad_to_square:
+            unit = _pad_to_square(unit, [int(m * 255) / 255 for m in self.image_mean])
         unit = _resize(unit, *self._resized_hw(*unit.shape[-2:]), self.mode)
         if self.crop_hw is not None:
             unit = _center_crop(unit, *self.crop_hw)
         return _normalise(unit, self.image_mean, self.image_std) if self.do_normalize else unit
+
+
+def _pad_to_square(unit: torch.Tensor, colour: list[float]) -> torch.Tensor:
+    height, width = unit.shape[-2:]
+    side = max(height, width)
+    if height == width:
+        return unit
+    canvas = torch.tensor(colour, dtype=unit.dtype, device=unit.device).view(1, -1, 1, 1)
+    canvas = canvas.expand(unit.shape[0], -1, side, side).clone()
+    top, left = (side - height) // 2, (side - width) // 2
+    canvas[..., top : top + height, left : left + width] = unit
+    return canvas
 
 
 def _center_crop(unit: torch.Tensor, crop_h: int, crop_w: int) -> torch.Tensor:

@@ -1,0 +1,70 @@
+"""``make pretrain``: every tiny stand-in, in dependency order, into ``data/pretrained/``.
+
+teacher -> supervised editors (clean, noisy; initialised from the teacher) -> judge. Each part
+is skipped when its folder is complete (``made_by.json`` is written last) unless ``force``;
+an interrupted part resumes from its checkpoints in ``data/cache/pretrain/``. The training
+summaries are merged into ``data/pretrained/pretrain_metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from nb_edit import paths
+from nb_edit.training import pretrain
+
+PARTS = ("teacher", "clean", "noisy", "judge")
+
+
+def part_dir(name: str, root: Path | None = None) -> Path:
+    return (root or paths.pretrained_dir()) / name
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / "made_by.json").exists()
+
+
+def _record(root: Path, name: str, summary: dict) -> None:
+    path = root / "pretrain_metrics.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[name] = {k: v for k, v in summary.items() if k != "loss_curve"}
+    path.write_text(json.dumps(data, indent=2, sort_keys=True))
+
+
+def run(parts: list[str] | None = None, profile: str = "tiny", force: bool = False, seed: int = 0,
+        root: Path | None = None) -> None:
+    root = root or paths.pretrained_dir()
+    unknown = set(parts or ()) - set(PARTS)
+    if unknown:
+        raise SystemExit(f"pretrain: unknown part(s) {sorted(unknown)}; choose from {', '.join(PARTS)}.")
+    ckpt_root = paths.cache_dir() / "pretrain" / profile
+    for name in parts or PARTS:
+        out = part_dir(name, root)
+        if is_complete(out) and not force:
+            print(f"pretrain: {name} already made ({out}); --force remakes it")
+            continue
+        if force:
+            shutil.rmtree(ckpt_root / name, ignore_errors=True)
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"pretrain: {name} -> {out}", flush=True)
+        if name == "judge":
+            from nb_edit.training import pretrain_judge
+
+            cfg = pretrain_judge.JudgeConfig.for_profile(profile, seed=seed)
+            summary = pretrain_judge.train_judge(cfg, out, ckpt_root / name)
+        else:
+            cfg = pretrain.PretrainConfig.for_profile(profile, seed=seed)
+            if name == "teacher":
+                summary = pretrain.train_teacher(cfg, out, ckpt_root / name)
+            else:
+                teacher = part_dir("teacher", root)
+                if not is_complete(teacher):
+                    raise SystemExit(f"pretrain: {name} starts from the teacher, which is not made yet; "
+                                     "run `make pretrain` (or --only teacher) first.")
+                summary = pretrain.train_supervised_editor(cfg, teacher, out, ckpt_root / name,
+                                                           noisy=(name == "noisy"))
+        pretrain.write_made_by(out, name, cfg, summary)
+        _record(root, name, summary)
+        print(f"pretrain: {name} done in {summary['wall_s']:.0f} s, final loss {summary['final_loss']:.4f}")

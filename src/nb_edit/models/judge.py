@@ -165,7 +165,8 @@ class VLMJudge:
 
     @classmethod
     def tiny(
-        cls, family: str, tokenizer: PreTrainedTokenizerBase, image_size: int = 32, seed: int = 0
+        cls, family: str, tokenizer: PreTrainedTokenizerBase, image_size: int = 32, seed: int = 0,
+        **sizes: int,
     ) -> "VLMJudge":
         """A randomly initialised tiny judge of ``family`` (``llava`` or ``qwen2_5_vl``) for tests.
 
@@ -179,6 +180,7 @@ class VLMJudge:
                 vocab_size=len(tokenizer),
                 image_token_id=tokenizer.convert_tokens_to_ids(LLAVA_IMAGE_TOKEN),
                 image_size=image_size,
+                **sizes,
             )
             image_processor = CLIPImageProcessorPil(
                 size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
@@ -491,17 +493,18 @@ def _bnb_config(quantization: str, compute_dtype: torch.dtype, family: _Family) 
 
 
 # --------------------------------------------------------------------------------- tiny configs
-def tiny_llava_config(vocab_size: int, image_token_id: int, image_size: int = 32, patch_size: int = 4) -> LlavaConfig:
+def tiny_llava_config(vocab_size: int, image_token_id: int, image_size: int = 32, patch_size: int = 4,
+                      vision_layers: int = 2, text_layers: int = 2, hidden: int = 96) -> LlavaConfig:
     """CLIP vision tower (32 px, patch 4 -> 64 image tokens, 2 layers, hidden 96) + 2-layer Llama."""
     return LlavaConfig(
         vision_config={
             "model_type": "clip_vision_model", "image_size": image_size, "patch_size": patch_size,
-            "hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "projection_dim": 96,
+            "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": vision_layers,
+            "num_attention_heads": 4, "projection_dim": hidden,
         },
         text_config={
-            "model_type": "llama", "vocab_size": vocab_size, "hidden_size": 96, "intermediate_size": 192,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "model_type": "llama", "vocab_size": vocab_size, "hidden_size": hidden, "intermediate_size": 2 * hidden,
+            "num_hidden_layers": text_layers, "num_attention_heads": 4, "num_key_value_heads": 2,
             "max_position_embeddings": 512,
         },
         image_token_index=image_token_id,

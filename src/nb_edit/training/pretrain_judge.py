@@ -1,0 +1,221 @@
+"""Pretraining the tiny VLM judge (a real ``LlavaForConditionalGeneration``) on ShapesWorld.
+
+Trained in stages, as LLaVA is, because a tiny VLM trained from scratch on yes/no questions
+learns nothing in CPU minutes:
+
+1. **perception** - the CLIP vision tower alone, with throw-away linear heads, learns per
+   patch the colour, shape and texture of the object covering it, and per image the
+   background and style (cross-entropy). Its patch features then say *what is where*.
+2. **questions** - the whole model answers the judge's questions (:mod:`nb_edit.questions`)
+   about oracle-labelled examples (:mod:`nb_edit.data.judge_qa`): NP-Edit's edit-verification
+   and identity questions on correct, unchanged, wrong, partial, collateral, blurred and
+   blended outputs, the remove variant, single-image presence questions and the 0-5 quality
+   score. Loss: cross-entropy of the answer token at the answer position; the vision tower
+   learns at a tenth of the rate.
+
+The examples are generated once into a pool (the artifact cache) and reused every epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nb_edit import cache, questions, world
+from nb_edit.config import StageConfig
+from nb_edit.data import judge_qa
+from nb_edit.images import to_tensor
+from nb_edit.models.judge import TEMPLATE_WORDS, VLMJudge
+from nb_edit.models.text import build_tokenizer
+from nb_edit.training.loop import LoopConfig, train
+
+
+@dataclasses.dataclass
+class JudgeConfig(StageConfig):
+    family: str = "llava"
+    vision_layers: int = 3
+    text_layers: int = 3
+    hidden: int = 96
+    perception_steps: int = 400
+    qa_steps: int = 1500
+    batch_size: int = 64
+    lr: float = 1e-3
+    vision_lr_scale: float = 0.1
+    pool_size: int = 16000
+    eval_size: int = 1000
+    presence_share: float = 0.15  # share of single-image presence questions
+    num_threads: int = 2
+    world: dict = dataclasses.field(default_factory=lambda: world.WorldConfig().to_dict())
+
+    PROFILES: ClassVar[dict[str, dict[str, Any]]] = {
+        "tiny": {},
+        "smoke": dict(perception_steps=2, qa_steps=2, batch_size=4, pool_size=16, eval_size=8,
+                      vision_layers=2, text_layers=2),
+    }
+
+
+def judge_tokenizer(world_cfg: world.WorldConfig):
+    texts = [" ".join(world.vocabulary(world_cfg)), " ".join(questions.template_words()), " ".join(TEMPLATE_WORDS)]
+    return build_tokenizer(texts, model_max_length=256)
+
+
+def build_pool(cfg: JudgeConfig, n: int, seed: int) -> cache.Artifact:
+    """``n`` oracle-labelled QA examples (uint8 images, questions, answers), cached."""
+    wcfg = world.WorldConfig.from_dict(cfg.world)
+    key = {"what": "judge_qa_pool", "n": n, "seed": seed, "world": cfg.world, "presence": cfg.presence_share,
+           "version": 1}
+
+    def build():
+        rng = np.random.default_rng(seed)
+        examples = judge_qa.qa_batch(wcfg, rng, n, edit_share=1.0 - cfg.presence_share)
+        tensors = {"source": torch.from_numpy(np.stack([e.source for e in examples])),
+                   "output": torch.from_numpy(np.stack([e.output for e in examples]))}
+        meta = {"question": [e.question for e in examples], "answer": [e.answer for e in examples],
+                "kind": [e.kind for e in examples]}
+        return tensors, meta
+
+    return cache.ensure("judge_qa_pool", key, build)
+
+
+def _perception_batch(cfg: JudgeConfig, step: int, patch: int):
+    wcfg = world.WorldConfig.from_dict(cfg.world)
+    rng = np.random.default_rng([cfg.seed, step, 7])
+    scenes = []
+    for _ in range(cfg.batch_size):
+        scene = world.sample_scene(rng, wcfg)
+        if rng.random() < 0.5:
+            scene = judge_qa.random_edit(scene, rng, wcfg).target
+        scenes.append(scene)
+    images = np.stack([world.render(s, wcfg) for s in scenes])
+    labels = [judge_qa.perception_targets(s, wcfg, patch) for s in scenes]
+    stacked = {k: torch.from_numpy(np.stack([lab[k] for lab in labels])) for k in labels[0]}
+    return to_tensor(images), stacked
+
+
+class PerceptionHeads(torch.nn.Module):
+    """Linear read-outs of the vision tower's patch features (discarded after stage 1)."""
+
+    def __init__(self, hidden: int, cfg: world.WorldConfig):
+        super().__init__()
+        from nb_edit.world.config import OBJECT_COLOURS
+
+        self.colour = torch.nn.Linear(hidden, 1 + len(OBJECT_COLOURS))
+        self.shape = torch.nn.Linear(hidden, 1 + len(cfg.shapes))
+        self.texture = torch.nn.Linear(hidden, 1 + len(cfg.textures))
+        self.background = torch.nn.Linear(hidden, len(cfg.backgrounds))
+        self.style = torch.nn.Linear(hidden, len(cfg.styles))
+
+
+def _patch_features(judge: VLMJudge, images: torch.Tensor) -> torch.Tensor:
+    """The features LLaVA feeds its projector: hidden states of ``vision_feature_layer``, CLS dropped."""
+    tower = judge.model.model.vision_tower
+    layer = judge.model.config.vision_feature_layer
+    out = tower(judge.preprocess(images), output_hidden_states=True)
+    return out.hidden_states[layer][:, 1:]
+
+
+def train_perception(judge: VLMJudge, cfg: JudgeConfig, ckpt_dir: Path) -> list[dict]:
+    wcfg = world.WorldConfig.from_dict(cfg.world)
+    patch = judge.model.config.vision_config.patch_size
+    grid = wcfg.resolution // patch
+    heads = PerceptionHeads(judge.model.config.vision_config.hidden_size, wcfg)
+    tower = judge.model.model.vision_tower
+
+    def step_fn(batch, step):
+        images, labels = batch
+        feats = _patch_features(judge, images)  # (B, grid*grid, D)
+        pooled = feats.mean(dim=1)
+        losses = {name: F.cross_entropy(getattr(heads, name)(feats).flatten(0, 1), labels[name].flatten())
+                  for name in ("colour", "shape", "texture")}
+        losses["background"] = F.cross_entropy(heads.background(pooled), labels["background"])
+        losses["style"] = F.cross_entropy(heads.style(pooled), labels["style"])
+        assert feats.shape[1] == grid * grid
+        return {"loss": sum(losses.values()), **losses}
+
+    loop = LoopConfig(steps=cfg.perception_steps, lr=cfg.lr, optimizer="adamw", grad_clip=1.0,
+                      checkpoint_every=200, seed=cfg.seed)
+    return list(train(step_fn, {"vision_tower": tower, "heads": heads}, config=loop, ckpt_dir=ckpt_dir,
+                      batch_fn=lambda step: _perception_batch(cfg, step, patch), run_config=cfg.to_dict()))
+
+
+def answer_ids(judge: VLMJudge, answers: list[str]) -> torch.Tensor:
+    from nb_edit.models.judge import single_token_id
+
+    table = {a: single_token_id(judge.tokenizer, a) for a in set(answers)}
+    return torch.tensor([table[a] for a in answers])
+
+
+def qa_logits(judge: VLMJudge, source: torch.Tensor, output: torch.Tensor, qs: list[str]) -> torch.Tensor:
+    """Answer-position logits ``(B, V)`` for (source, output) uint8 pairs."""
+    images = [to_tensor(source.numpy()), to_tensor(output.numpy())]
+    return judge.answer_logits(images, qs)[:, 0]
+
+
+def train_questions(judge: VLMJudge, cfg: JudgeConfig, pool: cache.Artifact, ckpt_dir: Path) -> list[dict]:
+    n = pool.tensors["source"].shape[0]
+    qs, answers = pool.meta["question"], pool.meta["answer"]
+    targets = answer_ids(judge, answers)
+    vision = [p for n_, p in judge.model.named_parameters() if "vision_tower" in n_]
+    rest = [p for n_, p in judge.model.named_parameters() if "vision_tower" not in n_]
+    optimizer = torch.optim.AdamW([{"params": rest, "lr": cfg.lr},
+                                   {"params": vision, "lr": cfg.lr * cfg.vision_lr_scale}], lr=cfg.lr)
+
+    def batch_fn(step):
+        epoch, offset = divmod(step * cfg.batch_size, n)
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
+        idx = np.concatenate([order, np.random.default_rng([cfg.seed, epoch + 1]).permutation(n)])
+        return idx[offset: offset + cfg.batch_size]
+
+    def step_fn(idx, step):
+        logits = qa_logits(judge, pool.tensors["source"][idx], pool.tensors["output"][idx], [qs[i] for i in idx])
+        target = targets[idx]
+        loss = F.cross_entropy(logits, target)
+        return {"loss": loss, "acc": (logits.argmax(-1) == target).float().mean()}
+
+    loop = LoopConfig(steps=cfg.qa_steps, lr=cfg.lr, optimizer="adamw", grad_clip=1.0, warmup_steps=50,
+                      checkpoint_every=250, seed=cfg.seed)
+    return list(train(step_fn, {"judge": judge.model}, config=loop, ckpt_dir=ckpt_dir, batch_fn=batch_fn,
+                      optimizers={"main": optimizer}, run_config=cfg.to_dict()))
+
+
+@torch.no_grad()
+def evaluate_pool(judge: VLMJudge, pool: cache.Artifact, batch: int = 128) -> dict[str, float]:
+    """Accuracy per question kind on a held-out pool (answer = argmax over the vocabulary)."""
+    qs, answers, kinds = pool.meta["question"], pool.meta["answer"], pool.meta["kind"]
+    targets = answer_ids(judge, answers)
+    correct = []
+    for start in range(0, len(qs), batch):
+        idx = np.arange(start, min(start + batch, len(qs)))
+        logits = qa_logits(judge, pool.tensors["source"][idx], pool.tensors["output"][idx], [qs[i] for i in idx])
+        correct += (logits.argmax(-1) == targets[idx]).tolist()
+    result = {}
+    for kind in sorted(set(kinds)):
+        hits = [c for c, k in zip(correct, kinds) if k == kind]
+        result[f"acc_{kind}"] = float(np.mean(hits))
+    return result
+
+
+def train_judge(cfg: JudgeConfig, out_dir: Path, ckpt_dir: Path) -> dict[str, Any]:
+    torch.set_num_threads(cfg.num_threads)
+    start = time.perf_counter()
+    wcfg = world.WorldConfig.from_dict(cfg.world)
+    judge = VLMJudge.tiny(cfg.family, judge_tokenizer(wcfg), image_size=wcfg.resolution, seed=cfg.seed,
+                          vision_layers=cfg.vision_layers, text_layers=cfg.text_layers, hidden=cfg.hidden)
+    judge.model.train()
+    perception = train_perception(judge, cfg, ckpt_dir / "perception")
+    pool = build_pool(cfg, cfg.pool_size, seed=cfg.seed)
+    history = train_questions(judge, cfg, pool, ckpt_dir / "questions")
+    judge.model.eval()
+    held_out = evaluate_pool(judge, build_pool(cfg, cfg.eval_size, seed=cfg.seed + 10_000))
+    judge.save_pretrained(out_dir)
+    losses = [h["loss"] for h in history]
+    return {"steps": len(perception) + len(history), "final_loss": float(np.mean(losses[-50:])),
+            "perception_final_loss": float(np.mean([h["loss"] for h in perception[-20:]])),
+            "wall_s": time.perf_counter() - start, "loss_curve": losses[:: max(1, len(losses) // 200)],
+            **{f"held_out_{k}": v for k, v in held_out.items()}}

@@ -83,10 +83,14 @@ class RunSettings(StageConfig):
     mixed_precision: str = "no"  # "no" | "bf16" | "fp16"; used on GPUs only
     resolution: int = 32  # image side in pixels
     n_eval: int = 256  # held-out test edits per evaluation
+    n_probe: int = 500  # items for quick measurements (oracle parse accuracy, ...)
+    n_train_scenes: int = 1000  # reference scenes of the synthetic training sets
+    n_sequences: int = 200  # multi-turn training sequences
+    n_test_sequences: int = 100  # held-out multi-turn test sequences
     num_threads: int = 2  # torch CPU threads
 
     PROFILES: ClassVar[dict[str, dict[str, Any]]] = {
-        "tiny": dict(resolution=32, n_eval=256),
-        "smoke": dict(resolution=32, n_eval=16),
+        "tiny": dict(resolution=32),
+        "smoke": dict(resolution=32, n_eval=16, n_probe=40, n_train_scenes=24, n_sequences=6, n_test_sequences=6),
         "full": dict(resolution=512, n_eval=512, mixed_precision="bf16", num_threads=8),
     }

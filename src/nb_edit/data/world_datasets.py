@@ -1,0 +1,51 @@
+"""The ShapesWorld datasets of one run size, built once and found again by every notebook.
+
+``shapesworld(settings, seed)`` returns the curated unpaired set (NP-Edit), clean and noisy
+paired sets, multi-turn sequences and the held-out test set, built under
+``data/cache/shapesworld/<key>/`` where ``key`` hashes the sizes, the world and the validity
+filter. The curation metrics are kept beside them (``curation.json``). A notebook that runs
+alone from a fresh kernel therefore trains on exactly the data an earlier notebook curated.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from nb_edit import cache, paths, world
+from nb_edit.data.curation import ValidityFilter
+from nb_edit.data.store import read_dataset
+from nb_edit.data.synthetic import build_multiturn, build_paired, build_test_set, build_unpaired
+
+DONE = "complete.json"
+
+
+def dataset_root(settings: Any, seed: int, filter_name: str, cfg: world.WorldConfig) -> Path:
+    key = {"n_train": settings.n_train_scenes, "n_val": max(1, settings.n_train_scenes // 10),
+           "n_test": settings.n_eval, "n_seq": settings.n_sequences, "n_test_seq": settings.n_test_sequences,
+           "seed": seed, "filter": filter_name, "world": cfg.to_dict(), "version": 1}
+    return paths.cache_dir() / "shapesworld" / cache.config_key(key)
+
+
+def shapesworld(settings: Any, seed: int = 0, validity_filter: ValidityFilter | None = None,
+                filter_name: str = "oracle", cfg: world.WorldConfig | None = None) -> dict[str, Any]:
+    """Every ShapesWorld dataset for ``settings`` (a :class:`~nb_edit.config.RunSettings`)."""
+    cfg = cfg or world.WorldConfig()
+    root = dataset_root(settings, seed, filter_name, cfg)
+    names = ("unpaired", "paired", "noisy", "multiturn", "test")
+    if not (root / DONE).exists():
+        sizes = {"train": settings.n_train_scenes, "val": max(1, settings.n_train_scenes // 10)}
+        _, curation = build_unpaired(root / "unpaired", cfg, sizes, seed, validity_filter=validity_filter,
+                                     overwrite=True)
+        build_paired(root / "paired", cfg, sizes, seed, overwrite=True)
+        build_paired(root / "noisy", cfg, sizes, seed, noisy=True, overwrite=True)
+        build_multiturn(root / "multiturn", cfg, {"train": settings.n_sequences, "test": settings.n_test_sequences},
+                        seed, overwrite=True)
+        build_test_set(root / "test", cfg, settings.n_eval, overwrite=True)
+        (root / "curation.json").write_text(json.dumps(curation, indent=2, sort_keys=True))
+        (root / DONE).write_text(json.dumps({"filter": filter_name}))
+    out: dict[str, Any] = {name: read_dataset(root / name) for name in names}
+    out["curation_metrics"] = json.loads((root / "curation.json").read_text())
+    out["root"] = root
+    return out

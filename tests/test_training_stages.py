@@ -1,0 +1,81 @@
+"""The training stages end to end at smoke sizes: pretraining of every stand-in, then NP-Edit."""
+
+import json
+
+import numpy as np
+import pytest
+
+from nb_edit.config import RunSettings
+from nb_edit.data.world_datasets import shapesworld
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    from nb_edit.training import pretrain_all
+
+    root = tmp_path_factory.mktemp("pretrained")
+    pretrain_all.run(profile="smoke", root=root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    import os
+
+    os.environ["NB_EDIT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    try:
+        return shapesworld(RunSettings.for_profile("smoke"))
+    finally:
+        del os.environ["NB_EDIT_CACHE"]
+
+
+def test_pretrain_writes_every_part_in_hub_layout(pretrained):
+    from nb_edit.models.judge import VLMJudge
+    from nb_edit.training.pretrain import load_pipeline
+
+    for part in ("teacher", "clean", "noisy", "judge"):
+        made = json.loads((pretrained / part / "made_by.json").read_text())
+        assert made["command"] == "make pretrain" and made["steps"] > 0
+    assert (pretrained / "teacher" / "transformer" / "diffusion_pytorch_model.safetensors").exists()
+    pipe = load_pipeline(pretrained / "clean")
+    out = pipe.edit(np.zeros((2, 32, 32, 3), np.uint8), ["do nothing", "make the red circle blue"], steps=2)
+    assert out.shape == (2, 32, 32, 3)
+    assert type(VLMJudge.from_pretrained(pretrained / "judge", device="cpu").model).__name__ == "LlavaForConditionalGeneration"
+    metrics = json.loads((pretrained / "pretrain_metrics.json").read_text())
+    assert set(metrics) == {"teacher", "clean", "noisy", "judge"}
+
+
+def test_pretrain_skips_what_is_made(pretrained, capsys):
+    from nb_edit.training import pretrain_all
+
+    pretrain_all.run(parts=["teacher"], profile="smoke", root=pretrained)
+    assert "already made" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("variant", ["full", "vlm_only"])
+def test_npedit_trains_without_targets(pretrained, data, tmp_path, variant):
+    from nb_edit.training.npedit import NPEditConfig, train_npedit
+
+    cfg = NPEditConfig.for_profile("smoke", variant=variant, teacher_id=str(pretrained / "teacher"),
+                                   judge_id=str(pretrained / "judge"))
+    pipe, history = train_npedit(cfg, data["unpaired"], tmp_path / "ckpt")
+    assert len(history) == cfg.steps
+    last = history[-1]
+    assert {"loss_vlm", "grad_vlm", "curve_oracle_success", "curve_judge_yes"} <= set(last)
+    assert ("loss_dmd" in last) == (variant == "full")
+    assert all(h["skipped"] == 0 for h in history)
+
+
+def test_npedit_refuses_paired_data(pretrained, data, tmp_path):
+    from nb_edit.training.npedit import NPEditConfig, train_npedit
+
+    cfg = NPEditConfig.for_profile("smoke", teacher_id=str(pretrained / "teacher"), judge_id=str(pretrained / "judge"))
+    with pytest.raises(AssertionError, match="without pairs"):
+        train_npedit(cfg, data["paired"], tmp_path / "ckpt")
+
+
+def test_npedit_rejects_unknown_variant():
+    from nb_edit.training.npedit import NPEditConfig
+
+    with pytest.raises(ValueError, match="variant='dmd'.*full, dmd_only"):
+        NPEditConfig.for_profile("tiny", variant="dmd")

@@ -4,7 +4,9 @@
                then write the run's ``config.json`` and ``report.md`` (what ``make run`` calls);
 * ``report``   - rewrite the report of an existing run;
 * ``pretrain`` - make the tiny stand-ins for hub models shipped in ``data/pretrained/``
-                 (what ``make pretrain`` calls; each part is skipped when already made).
+                 (what ``make pretrain`` calls; each part is skipped when already made);
+* ``bench``    - time the project's fast paths against the plain way (``nb_edit.bench``),
+                 print a table and optionally record the ``bench.*`` metrics into a run.
 """
 
 from __future__ import annotations
@@ -106,7 +108,26 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from .training import pretrain_all
 
     pretrain_all.run(parts=args.only.split(",") if args.only else None, profile=args.profile,
-                     force=args.force, seed=args.seed)
+                     force=args.force, seed=args.seed, num_threads=args.threads)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    metrics, device = bench.run_cpu_benchmarks(repeats=args.repeats, warmup=args.warmup, batch_size=args.batch_size,
+                                               judge_batch=args.batch_size, sampling_batch=args.batch_size,
+                                               num_threads=args.threads)
+    if args.gpu:
+        gpu_metrics, gpu_device = bench.run_gpu_benchmarks(repeats=args.repeats, warmup=args.warmup)
+        metrics.update(gpu_metrics)
+        device.update({f"gpu_{k}": v for k, v in gpu_device.items()})
+    print(bench.format_table(metrics))
+    print("device: " + ", ".join(f"{k}={v}" for k, v in device.items()))
+    if args.run_id:
+        run = runs.open_run(args.run_id)
+        runs.record_metrics(run, metrics)
+        print(f"recorded {len(metrics)} metrics into {run.metrics_path}")
     return 0
 
 
@@ -130,6 +151,16 @@ def main(argv: list[str] | None = None) -> int:
     pre.add_argument("--profile", default="tiny", help="tiny (shipped sizes) or smoke (seconds, for tests)")
     pre.add_argument("--force", action="store_true", help="remake parts that already exist")
     pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--threads", type=int, default=None,
+                     help="torch CPU threads (default 2; 1 is faster when the cores are shared)")
     pre.set_defaults(func=cmd_pretrain)
+    ben = sub.add_parser("bench", help="benchmarks against the plain way (NP-Edit step, judge, sampling)")
+    ben.add_argument("--run-id", default="", help="record the bench.* metrics into papermill_runs/<run_id>/")
+    ben.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (the median is kept)")
+    ben.add_argument("--warmup", type=int, default=1, help="untimed calls before timing")
+    ben.add_argument("--batch-size", type=int, default=16, help="batch of the NP-Edit step, judge and sampler")
+    ben.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    ben.add_argument("--gpu", action="store_true", help="also the real-size GPU benchmarks (needs CUDA)")
+    ben.set_defaults(func=cmd_bench)
     args = parser.parse_args(argv)
     return args.func(args)

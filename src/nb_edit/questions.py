@@ -26,6 +26,10 @@ PRESERVING_SCORE = "image 1 is the source . instruction : {instruction} . how we
 IF_SCORE = "image 1 is the source . instruction : {instruction} . rate how well image 2 follows the instruction from 1 to 5 . answer with a number ."
 CC_SCORE = "image 1 is the source . instruction : {instruction} . rate how consistent image 2 is with image 1 outside the edit from 1 to 5 . answer with a number ."
 
+# Alignment prompts of the tiny judge's pretraining (LLaVA's stage 1: dense next-token targets).
+DESCRIBE = "describe image 2 ."
+WHAT_CHANGED = "what changed from image 1 to image 2 ?"
+
 ALL_TEMPLATES = (
     FOLLOWED, PRESERVED, PRESENT, PRESERVED_REMOVE, QUALITY,
     FOLLOWING_SCORE, PRESERVING_SCORE, IF_SCORE, CC_SCORE,

@@ -43,7 +43,7 @@ class PretrainConfig(StageConfig):
     """Sizes of one pretraining job (teacher or supervised editor)."""
 
     backbone: str = "dit"
-    steps: int = 3000
+    steps: int = 2000
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 100
@@ -54,7 +54,7 @@ class PretrainConfig(StageConfig):
     world: dict = dataclasses.field(default_factory=lambda: world.WorldConfig().to_dict())
 
     PROFILES: ClassVar[dict[str, dict[str, Any]]] = {
-        "tiny": dict(steps=3000, batch_size=64),
+        "tiny": dict(steps=2000, batch_size=64),
         "smoke": dict(steps=2, batch_size=4, warmup_steps=0),
     }
 

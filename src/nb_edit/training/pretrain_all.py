@@ -34,7 +34,7 @@ def _record(root: Path, name: str, summary: dict) -> None:
 
 
 def run(parts: list[str] | None = None, profile: str = "tiny", force: bool = False, seed: int = 0,
-        root: Path | None = None) -> None:
+        root: Path | None = None, num_threads: int | None = None) -> None:
     root = root or paths.pretrained_dir()
     unknown = set(parts or ()) - set(PARTS)
     if unknown:
@@ -52,10 +52,10 @@ def run(parts: list[str] | None = None, profile: str = "tiny", force: bool = Fal
         if name == "judge":
             from nb_edit.training import pretrain_judge
 
-            cfg = pretrain_judge.JudgeConfig.for_profile(profile, seed=seed)
+            cfg = pretrain_judge.JudgeConfig.for_profile(profile, seed=seed, num_threads=num_threads)
             summary = pretrain_judge.train_judge(cfg, out, ckpt_root / name)
         else:
-            cfg = pretrain.PretrainConfig.for_profile(profile, seed=seed)
+            cfg = pretrain.PretrainConfig.for_profile(profile, seed=seed, num_threads=num_threads)
             if name == "teacher":
                 summary = pretrain.train_teacher(cfg, out, ckpt_root / name)
             else:

@@ -6,7 +6,10 @@ learns nothing in CPU minutes:
 1. **perception** - the CLIP vision tower alone, with throw-away linear heads, learns per
    patch the colour, shape and texture of the object covering it, and per image the
    background and style (cross-entropy). Its patch features then say *what is where*.
-2. **questions** - the whole model answers the judge's questions (:mod:`nb_edit.questions`)
+2. **alignment** - the projector and the language model learn to *say* what the images show:
+   the caption of an image, and the instruction that turns image 1 into image 2 (LLaVA's first
+   stage: every answer token is a target, far more signal per example than one yes/no).
+3. **questions** - the whole model answers the judge's questions (:mod:`nb_edit.questions`)
    about oracle-labelled examples (:mod:`nb_edit.data.judge_qa`): NP-Edit's edit-verification
    and identity questions on correct, unchanged, wrong, partial, collateral, blurred and
    blended outputs, the remove variant, single-image presence questions and the 0-5 quality
@@ -43,6 +46,7 @@ class JudgeConfig(StageConfig):
     text_layers: int = 3
     hidden: int = 96
     perception_steps: int = 400
+    align_steps: int = 600
     qa_steps: int = 1500
     batch_size: int = 64
     lr: float = 1e-3
@@ -55,13 +59,14 @@ class JudgeConfig(StageConfig):
 
     PROFILES: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": {},
-        "smoke": dict(perception_steps=2, qa_steps=2, batch_size=4, pool_size=16, eval_size=8,
+        "smoke": dict(perception_steps=2, align_steps=2, qa_steps=2, batch_size=4, pool_size=16, eval_size=8,
                       vision_layers=2, text_layers=2),
     }
 
 
 def judge_tokenizer(world_cfg: world.WorldConfig):
-    texts = [" ".join(world.vocabulary(world_cfg)), " ".join(questions.template_words()), " ".join(TEMPLATE_WORDS)]
+    texts = [" ".join(world.vocabulary(world_cfg)), " ".join(questions.template_words()), " ".join(TEMPLATE_WORDS),
+             questions.DESCRIBE, questions.WHAT_CHANGED]
     return build_tokenizer(texts, model_max_length=256)
 
 
@@ -144,6 +149,58 @@ def train_perception(judge: VLMJudge, cfg: JudgeConfig, ckpt_dir: Path) -> list[
                       batch_fn=lambda step: _perception_batch(cfg, step, patch), run_config=cfg.to_dict()))
 
 
+def _alignment_batch(cfg: JudgeConfig, step: int):
+    """Half captions of one image, half instructions between a source and its edit's target."""
+    wcfg = world.WorldConfig.from_dict(cfg.world)
+    rng = np.random.default_rng([cfg.seed, step, 8])
+    sources, outputs, prompts, answers = [], [], [], []
+    for _ in range(cfg.batch_size):
+        edit = judge_qa.random_edit(world.sample_scene(rng, wcfg), rng, wcfg)
+        source, target = world.render(edit.source, wcfg), world.render(edit.target, wcfg)
+        if rng.random() < 0.5:
+            sources.append(target), outputs.append(target), prompts.append(questions.DESCRIBE)
+            answers.append(edit.caption_edited)
+        else:
+            sources.append(source), outputs.append(target), prompts.append(questions.WHAT_CHANGED)
+            answers.append(edit.instruction)
+    return to_tensor(np.stack(sources)), to_tensor(np.stack(outputs)), prompts, answers
+
+
+def sequence_loss(judge: VLMJudge, images: list[torch.Tensor], prompts: list[str], answers: list[str]) -> torch.Tensor:
+    """Teacher-forced next-token cross-entropy on the answer tokens (and the end token) only."""
+    vision, counts, _ = judge._vision_inputs(images)
+    rows, targets = [], []
+    for prompt, answer in zip(prompts, answers):
+        ids, _ = judge.prompt_ids(prompt, counts)
+        answer_ids_ = judge.tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [judge.tokenizer.eos_token_id]
+        rows.append(ids + answer_ids_)
+        targets.append([-100] * (len(ids) - 1) + answer_ids_ + [-100])
+    width = max(map(len, rows))
+    pad = judge.tokenizer.pad_token_id
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=judge.device)
+    labels = torch.tensor([t + [-100] * (width - len(t)) for t in targets], device=judge.device)
+    hidden = judge._base_forward(ids, vision).last_hidden_state
+    logits = judge.model.get_output_embeddings()(hidden).float()
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+def train_alignment(judge: VLMJudge, cfg: JudgeConfig, ckpt_dir: Path) -> list[dict]:
+    """Stage 2: captions and instructions as dense targets; the vision tower stays frozen."""
+    tower = judge.model.model.vision_tower
+    tower.requires_grad_(False)
+
+    def step_fn(batch, step):
+        sources, outputs, prompts, answers = batch
+        return {"loss": sequence_loss(judge, [sources, outputs], prompts, answers)}
+
+    loop = LoopConfig(steps=cfg.align_steps, lr=cfg.lr, optimizer="adamw", grad_clip=1.0, warmup_steps=50,
+                      checkpoint_every=200, seed=cfg.seed)
+    history = train(step_fn, {"judge": judge.model}, config=loop, ckpt_dir=ckpt_dir,
+                    batch_fn=lambda step: _alignment_batch(cfg, step), run_config=cfg.to_dict())
+    tower.requires_grad_(True)
+    return list(history)
+
+
 def answer_ids(judge: VLMJudge, answers: list[str]) -> torch.Tensor:
     from nb_edit.models.judge import single_token_id
 
@@ -209,13 +266,15 @@ def train_judge(cfg: JudgeConfig, out_dir: Path, ckpt_dir: Path) -> dict[str, An
                           vision_layers=cfg.vision_layers, text_layers=cfg.text_layers, hidden=cfg.hidden)
     judge.model.train()
     perception = train_perception(judge, cfg, ckpt_dir / "perception")
+    alignment = train_alignment(judge, cfg, ckpt_dir / "alignment")
     pool = build_pool(cfg, cfg.pool_size, seed=cfg.seed)
     history = train_questions(judge, cfg, pool, ckpt_dir / "questions")
     judge.model.eval()
     held_out = evaluate_pool(judge, build_pool(cfg, cfg.eval_size, seed=cfg.seed + 10_000))
     judge.save_pretrained(out_dir)
     losses = [h["loss"] for h in history]
-    return {"steps": len(perception) + len(history), "final_loss": float(np.mean(losses[-50:])),
+    return {"steps": len(perception) + len(alignment) + len(history), "final_loss": float(np.mean(losses[-50:])),
             "perception_final_loss": float(np.mean([h["loss"] for h in perception[-20:]])),
+            "alignment_final_loss": float(np.mean([h["loss"] for h in alignment[-20:]])),
             "wall_s": time.perf_counter() - start, "loss_curve": losses[:: max(1, len(losses) // 200)],
             **{f"held_out_{k}": v for k, v in held_out.items()}}

@@ -7,6 +7,14 @@ newest checkpoint so that an interrupted run continues bit-for-bit where it stop
 
 Auxiliary models updated several times per step (NP-Edit's fake score, DMD2 section 4.1) run
 their inner updates inside ``step_fn`` on ``aux_optimizers``, which the loop only checkpoints.
+
+Data parallelism (``accelerate launch --num_processes N`` or ``torchrun``, after
+``torch.distributed.init_process_group``): every process runs the same loop on its own shard of
+the batch; the loop averages the gradients over the processes before clipping (and before every
+step of an auxiliary optimizer), so all processes take the same update, as one process would on
+the whole batch. Only process 0 writes checkpoints and shows progress (its history logs its own
+shard's loss); all of them resume from the same checkpoint, with process 0's RNG state, so draw
+per-sample randomness from generators seeded by step and sample when runs must match exactly.
 """
 
 from __future__ import annotations
@@ -70,6 +78,62 @@ class LoopConfig:
                 raise ValueError(f"LoopConfig.{name}={getattr(self, name)!r} is invalid; fix: see the "
                                  "comment on the field (optimizer adamw8bit|adamw, mixed_precision "
                                  "no|bf16|fp16, positive sizes, ema_decay in (0, 1))")
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    """True unless this is a process other than 0 of a distributed run."""
+    return _world_size() == 1 or torch.distributed.get_rank() == 0
+
+
+def all_reduce_gradients(params) -> None:
+    """Average ``.grad`` over the processes of a distributed run (a no-op in one process).
+
+    Each process computed the gradient of the mean loss on its shard; with equal shards their
+    average is the gradient of the mean loss on the whole batch. A parameter that got no
+    gradient in some processes counts as zero there; one with none anywhere keeps ``None``.
+    """
+    world = _world_size()
+    if world == 1:
+        return
+    params = list(params)
+    if not params:
+        return
+    # on the parameters' device: NCCL (GPU runs) reduces CUDA tensors only
+    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
+    torch.distributed.all_reduce(has_grad)  # every process must send the same tensors
+    buckets: dict[tuple, list[torch.Tensor]] = {}
+    for p, anywhere in zip(params, has_grad.tolist()):
+        if anywhere:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            buckets.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+    for grads in buckets.values():  # one collective per device and dtype, not one per tensor
+        flat = torch.cat([g.reshape(-1) for g in grads]) / world
+        torch.distributed.all_reduce(flat)
+        for grad, part in zip(grads, flat.split([g.numel() for g in grads])):
+            grad.copy_(part.view_as(grad))
+
+
+def _average_before_step(optimizer: torch.optim.Optimizer) -> None:
+    """Make an auxiliary optimizer average its gradients over the processes before each step."""
+    if not getattr(optimizer, "_nb_edit_averages_gradients", False):  # once, even when train() is re-entered
+        optimizer.register_step_pre_hook(
+            lambda opt, args, kwargs: all_reduce_gradients(p for g in opt.param_groups for p in g["params"]))
+        optimizer._nb_edit_averages_gradients = True
+
+
+def _all_processes(flag: bool, device: torch.device) -> bool:
+    """``flag`` and-ed over the processes, so that all of them skip (or take) a step together."""
+    if _world_size() == 1:
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    return bool(value.item())
 
 
 def make_optimizer(params, config: LoopConfig) -> torch.optim.Optimizer:
@@ -165,6 +229,8 @@ def train(step_fn: StepFn, modules: dict[str, torch.nn.Module], *, config: LoopC
         trainable = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
         optimizers = {"main": make_optimizer(trainable, cfg)}
     aux_optimizers = aux_optimizers or {}
+    for opt in aux_optimizers.values():
+        _average_before_step(opt)
     params = [p for opt in optimizers.values() for group in opt.param_groups for p in group["params"]]
     if not params:
         raise ValueError("train(): the optimizers hold no parameters; check requires_grad on the modules")
@@ -209,17 +275,24 @@ def train(step_fn: StepFn, modules: dict[str, torch.nn.Module], *, config: LoopC
         log.info("resumed from %s (step %d)", last_good, start)
 
     def checkpoint(completed: int) -> Path:
+        if not is_main_process():  # process 0 writes; the others wait for it, then see the same folder
+            torch.distributed.barrier()
+            return latest_checkpoint(ckpt_dir)
         state = {"optimizers": {n: o.state_dict() for n, o in optimizers.items()},
                  "aux_optimizers": {n: o.state_dict() for n, o in aux_optimizers.items()},
                  "schedulers": {n: s.state_dict() for n, s in schedulers.items()},
                  "scaler": scaler.state_dict() if scaler is not None else None,
                  "data": sampler.state_dict() if sampler is not None else {"next_step": completed},
                  "history": list(history), "nonfinite_total": nonfinite_total}
-        return save_checkpoint(ckpt_dir, completed, modules=modules, state=state,
+        path = save_checkpoint(ckpt_dir, completed, modules=modules, state=state,
                                ema=ema.shadow if ema is not None else None, keep_last=cfg.keep_last,
                                config={"loop": asdict(cfg), "run": run_config})
+        if _world_size() > 1:
+            torch.distributed.barrier()
+        return path
 
-    bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not progress or not is_main_process(),
+               dynamic_ncols=True)
     for step in range(start, cfg.steps):
         batch = next(sampler) if sampler is not None else batch_fn(step)
         for opt in optimizers.values():
@@ -231,10 +304,11 @@ def train(step_fn: StepFn, modules: dict[str, torch.nn.Module], *, config: LoopC
                             "with a scalar tensor under 'loss' (and other values to log)")
         loss = out["loss"]
         record = {"step": float(step), **{k: _as_float(v) for k, v in out.items()}}
-        finite = bool(torch.isfinite(loss.detach()))
+        finite = _all_processes(bool(torch.isfinite(loss.detach())), loss.device)
         overflow_only = unscaled = False
         if finite:
             (scaler.scale(loss) if scaler is not None else loss).backward()
+            all_reduce_gradients(params)  # data parallelism: the gradient of the whole batch
             for opt in optimizers.values() if scaler is not None else ():
                 scaler.unscale_(opt)
                 unscaled = True

@@ -43,7 +43,8 @@ class PretrainConfig(StageConfig):
     """Sizes of one pretraining job (teacher or supervised editor)."""
 
     backbone: str = "dit"
-    steps: int = 2000
+    steps: int = 2000  # teacher steps
+    editor_steps: int = 800  # supervised editor steps (they start from the teacher)
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 100
@@ -55,11 +56,11 @@ class PretrainConfig(StageConfig):
 
     PROFILES: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": dict(steps=2000, batch_size=64),
-        "smoke": dict(steps=2, batch_size=4, warmup_steps=0),
+        "smoke": dict(steps=2, editor_steps=2, batch_size=4, warmup_steps=0),
     }
 
-    def loop(self, ckpt_every: int = 500) -> LoopConfig:
-        return LoopConfig(steps=self.steps, lr=self.lr, warmup_steps=self.warmup_steps, optimizer="adamw",
+    def loop(self, steps: int | None = None, ckpt_every: int = 200) -> LoopConfig:
+        return LoopConfig(steps=self.steps if steps is None else steps, lr=self.lr, warmup_steps=self.warmup_steps, optimizer="adamw",
                           grad_clip=1.0, checkpoint_every=ckpt_every, seed=self.seed)
 
 
@@ -152,7 +153,7 @@ def train_supervised_editor(cfg: PretrainConfig, teacher_dir: Path, out_dir: Pat
         return {"loss": flow_matching_loss(fn, targets, gen)}
 
     start = time.perf_counter()
-    history = train(step_fn, {"editor": editor}, config=cfg.loop(), ckpt_dir=ckpt_dir,
+    history = train(step_fn, {"editor": editor}, config=cfg.loop(cfg.editor_steps), ckpt_dir=ckpt_dir,
                     batch_fn=lambda step: pair_batch(cfg, step, noisy), run_config=cfg.to_dict())
     save_components(out_dir, editor=editor, text_encoder=text_encoder)
     return _summary(history, start)

@@ -2,7 +2,8 @@
 
 teacher -> supervised editors (clean, noisy; initialised from the teacher) -> judge. Each part
 is skipped when its folder is complete (``made_by.json`` is written last) unless ``force``;
-an interrupted part resumes from its checkpoints in ``data/cache/pretrain/``. The training
+an interrupted part resumes from its checkpoints in ``data/cache/pretrain/<part>/<config key>/``
+(a changed configuration starts afresh instead of resuming someone else's weights). The training
 summaries are merged into ``data/pretrained/pretrain_metrics.json``.
 """
 
@@ -12,7 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
-from nb_edit import paths
+from nb_edit import cache, paths
 from nb_edit.training import pretrain
 
 PARTS = ("teacher", "clean", "noisy", "judge")
@@ -45,26 +46,29 @@ def run(parts: list[str] | None = None, profile: str = "tiny", force: bool = Fal
         if is_complete(out) and not force:
             print(f"pretrain: {name} already made ({out}); --force remakes it")
             continue
-        if force:
-            shutil.rmtree(ckpt_root / name, ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
         print(f"pretrain: {name} -> {out}", flush=True)
         if name == "judge":
             from nb_edit.training import pretrain_judge
 
             cfg = pretrain_judge.JudgeConfig.for_profile(profile, seed=seed, num_threads=num_threads)
-            summary = pretrain_judge.train_judge(cfg, out, ckpt_root / name)
         else:
             cfg = pretrain.PretrainConfig.for_profile(profile, seed=seed, num_threads=num_threads)
+        # threads change speed, not results: they stay out of the checkpoint key
+        ckpt = ckpt_root / name / cache.config_key({**cfg.to_dict(), "num_threads": None, "part": name})
+        if force:
+            shutil.rmtree(ckpt, ignore_errors=True)
+        if name == "judge":
+            summary = pretrain_judge.train_judge(cfg, out, ckpt)
+        else:
             if name == "teacher":
-                summary = pretrain.train_teacher(cfg, out, ckpt_root / name)
+                summary = pretrain.train_teacher(cfg, out, ckpt)
             else:
                 teacher = part_dir("teacher", root)
                 if not is_complete(teacher):
                     raise SystemExit(f"pretrain: {name} starts from the teacher, which is not made yet; "
                                      "run `make pretrain` (or --only teacher) first.")
-                summary = pretrain.train_supervised_editor(cfg, teacher, out, ckpt_root / name,
-                                                           noisy=(name == "noisy"))
+                summary = pretrain.train_supervised_editor(cfg, teacher, out, ckpt, noisy=(name == "noisy"))
         pretrain.write_made_by(out, name, cfg, summary)
         _record(root, name, summary)
         print(f"pretrain: {name} done in {summary['wall_s']:.0f} s, final loss {summary['final_loss']:.4f}")

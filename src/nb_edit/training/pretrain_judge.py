@@ -47,7 +47,7 @@ class JudgeConfig(StageConfig):
     hidden: int = 96
     perception_steps: int = 400
     align_steps: int = 600
-    qa_steps: int = 1500
+    qa_steps: int = 2000
     batch_size: int = 64
     lr: float = 1e-3
     vision_lr_scale: float = 0.1

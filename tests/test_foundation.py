@@ -25,7 +25,7 @@ def test_profiles_and_smoke_override(monkeypatch):
     monkeypatch.setenv("NB_EDIT_SMOKE", "1")
     assert resolve_profile("tiny") == "smoke"
     assert resolve_profile("full") == "full"  # the override never shrinks a full run
-    assert RunSettings.for_profile("tiny").n_eval < RunSettings.PROFILES["tiny"]["n_eval"]
+    assert RunSettings.for_profile("tiny").n_eval < RunSettings().n_eval
 
 
 def test_unknown_profile_and_setting_are_named():

@@ -48,3 +48,13 @@ def pick_dtype(device: torch.device, preference: str = "auto") -> torch.dtype:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
+
+
+def process_rank() -> int:
+    """This process's rank in a distributed run (``accelerate launch``), 0 otherwise.
+
+    Stages mix it into their data and noise seeds so that each process trains on its own shard.
+    """
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

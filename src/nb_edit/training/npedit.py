@@ -45,6 +45,7 @@ from nb_edit.rewards import JudgeReward
 from nb_edit.rewards_math import temperature_ramp
 from nb_edit.sampling import unroll_two_steps
 from nb_edit.training.loop import LoopConfig, make_optimizer, train
+from nb_edit.utils import process_rank
 
 VARIANTS = ("full", "dmd_only", "vlm_only", "no_identity", "full_vocab")
 
@@ -132,7 +133,7 @@ class NPEditTrainer:
         self.edit_idx = [i for i, r in enumerate(self.records) if r.edit_type != "noop"] or self.noop_idx
 
     def batch(self, step: int) -> UnpairedBatch:
-        rng = np.random.default_rng([self.cfg.seed, step, 11])  # data position = step
+        rng = np.random.default_rng([self.cfg.seed, step, 11, process_rank()])  # data position = step
         pick = [int(rng.choice(self.noop_idx)) if self.noop_idx and rng.random() < self.cfg.noop_share
                 else int(rng.choice(self.edit_idx)) for _ in range(self.cfg.batch_size)]
         recs = [self.records[i] for i in pick]
@@ -149,7 +150,7 @@ class NPEditTrainer:
 
     def step(self, batch: UnpairedBatch, step: int) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 64 + process_rank())
         x0 = self.generate(batch, gen)
         images = self.pipe.autoencoder.decode(x0)
         logs: dict[str, Any] = {}

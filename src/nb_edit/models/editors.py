@@ -22,6 +22,8 @@ initialisation the UNet editor computes exactly what the teacher does).
 
 ``extra_time_embedding`` ([B, time_embedding_dim]) is added to the backbone's timestep embedding,
 the hook Multi-Reward as Condition (sec. 3) uses to let every block see the reward condition.
+``input_embedding_module()`` names the layer whose output is the first feature tokens (UNet
+``conv_in``, DiT ``x_embedder``), where ``nb_edit.conditioning`` hooks its reward cross-attention.
 """
 
 from __future__ import annotations
@@ -50,6 +52,16 @@ class Editor(nn.Module):
         return self._time_embedding_module().linear_2.out_features
 
     def _time_embedding_module(self) -> nn.Module:
+        raise NotImplementedError
+
+    def input_embedding_module(self) -> nn.Module:
+        """The layer that turns the model input into feature tokens: UNet ``conv_in`` (output
+        [B, C, h, w]), DiT ``x_embedder`` (output [B, N, D], target and reference tokens)."""
+        raise NotImplementedError
+
+    @property
+    def input_feature_dim(self) -> int:
+        """Channels of ``input_embedding_module()``'s output (C or D)."""
         raise NotImplementedError
 
     def enable_gradient_checkpointing(self) -> None:
@@ -130,6 +142,13 @@ class UNetEditor(Editor):
     def _time_embedding_module(self) -> nn.Module:
         return self.backbone.time_embedding
 
+    def input_embedding_module(self) -> nn.Module:
+        return self.backbone.conv_in
+
+    @property
+    def input_feature_dim(self) -> int:
+        return self.backbone.config.block_out_channels[0]
+
     def _unet(self, x, timestep, source_latents, text_states):
         if self.takes_reference:
             reference = torch.zeros_like(x) if source_latents is None else source_latents.to(x.dtype)
@@ -190,6 +209,13 @@ class DiTEditor(Editor):
 
     def _time_embedding_module(self) -> nn.Module:
         return self.backbone.time_text_embed.timestep_embedder
+
+    def input_embedding_module(self) -> nn.Module:
+        return self.backbone.x_embedder
+
+    @property
+    def input_feature_dim(self) -> int:
+        return self.backbone.config.num_attention_heads * self.backbone.config.attention_head_dim
 
     def _pack(self, latents: torch.Tensor) -> torch.Tensor:
         b, c, h, w = latents.shape

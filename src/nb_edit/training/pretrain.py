@@ -56,7 +56,7 @@ class PretrainConfig(StageConfig):
 
     PROFILES: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": dict(steps=2000, batch_size=64),
-        "smoke": dict(steps=2, editor_steps=2, batch_size=4, warmup_steps=0),
+        "smoke": dict(steps=2, editor_steps=2, batch_size=4, warmup_steps=0, num_threads=1),
     }
 
     def loop(self, steps: int | None = None, ckpt_every: int = 200) -> LoopConfig:
@@ -113,7 +113,6 @@ def pair_batch(cfg: PretrainConfig, step: int, noisy: bool) -> tuple[torch.Tenso
 
 def train_teacher(cfg: PretrainConfig, out_dir: Path, ckpt_dir: Path) -> dict[str, Any]:
     """Train the text encoder and the teacher jointly; save both in the hub layout."""
-    torch.set_num_threads(cfg.num_threads)
     wcfg = world.WorldConfig.from_dict(cfg.world)
     torch.manual_seed(cfg.seed)
     tokenizer = world_tokenizer(wcfg)
@@ -140,7 +139,6 @@ def train_teacher(cfg: PretrainConfig, out_dir: Path, ckpt_dir: Path) -> dict[st
 def train_supervised_editor(cfg: PretrainConfig, teacher_dir: Path, out_dir: Path, ckpt_dir: Path,
                             noisy: bool) -> dict[str, Any]:
     """An editor initialised from the teacher, trained on clean or noisy pairs (frozen text encoder)."""
-    torch.set_num_threads(cfg.num_threads)
     text_encoder = load_text_encoder(teacher_dir).requires_grad_(False)
     editor = editor_from_teacher(load_teacher(teacher_dir, cfg.backbone)).requires_grad_(True)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from nb_edit import cache, paths
 from nb_edit.training import pretrain
+from nb_edit.utils import torch_threads
 
 PARTS = ("teacher", "clean", "noisy", "judge")
 
@@ -58,16 +59,16 @@ def run(parts: list[str] | None = None, profile: str = "tiny", force: bool = Fal
         ckpt = ckpt_root / name / cache.config_key({**cfg.to_dict(), "num_threads": None, "part": name})
         if force:
             shutil.rmtree(ckpt, ignore_errors=True)
-        if name == "judge":
-            summary = pretrain_judge.train_judge(cfg, out, ckpt)
-        else:
-            if name == "teacher":
+        teacher = part_dir("teacher", root)
+        if name in ("clean", "noisy") and not is_complete(teacher):
+            raise SystemExit(f"pretrain: {name} starts from the teacher, which is not made yet; "
+                             "run `make pretrain` (or --only teacher) first.")
+        with torch_threads(cfg.num_threads):
+            if name == "judge":
+                summary = pretrain_judge.train_judge(cfg, out, ckpt)
+            elif name == "teacher":
                 summary = pretrain.train_teacher(cfg, out, ckpt)
             else:
-                teacher = part_dir("teacher", root)
-                if not is_complete(teacher):
-                    raise SystemExit(f"pretrain: {name} starts from the teacher, which is not made yet; "
-                                     "run `make pretrain` (or --only teacher) first.")
                 summary = pretrain.train_supervised_editor(cfg, teacher, out, ckpt, noisy=(name == "noisy"))
         pretrain.write_made_by(out, name, cfg, summary)
         _record(root, name, summary)

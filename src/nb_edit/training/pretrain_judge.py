@@ -47,11 +47,11 @@ class JudgeConfig(StageConfig):
     hidden: int = 96
     perception_steps: int = 400
     align_steps: int = 600
-    qa_steps: int = 2000
+    qa_steps: int = 800
     batch_size: int = 64
     lr: float = 1e-3
     vision_lr_scale: float = 0.1
-    pool_size: int = 16000
+    pool_size: int = 8000
     eval_size: int = 1000
     presence_share: float = 0.15  # share of single-image presence questions
     num_threads: int = 2
@@ -60,7 +60,7 @@ class JudgeConfig(StageConfig):
     PROFILES: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": {},
         "smoke": dict(perception_steps=2, align_steps=2, qa_steps=2, batch_size=4, pool_size=16, eval_size=8,
-                      vision_layers=2, text_layers=2),
+                      vision_layers=2, text_layers=2, num_threads=1),
     }
 
 
@@ -259,7 +259,6 @@ def evaluate_pool(judge: VLMJudge, pool: cache.Artifact, batch: int = 128) -> di
 
 
 def train_judge(cfg: JudgeConfig, out_dir: Path, ckpt_dir: Path) -> dict[str, Any]:
-    torch.set_num_threads(cfg.num_threads)
     start = time.perf_counter()
     wcfg = world.WorldConfig.from_dict(cfg.world)
     judge = VLMJudge.tiny(cfg.family, judge_tokenizer(wcfg), image_size=wcfg.resolution, seed=cfg.seed,

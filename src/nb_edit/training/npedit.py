@@ -81,7 +81,7 @@ class NPEditConfig(StageConfig):
     n_curve: int = 64
 
     PROFILES: ClassVar[dict[str, dict[str, Any]]] = {
-        "tiny": {},
+        "tiny": dict(steps=100, curve_every=25),  # fits the main job's time; longer runs: steps=... in papermill
         "smoke": dict(steps=2, batch_size=2, n_aux=1, curve_every=1, n_curve=4, checkpoint_every=1),
         "full": dict(steps=4000, batch_size=4, lr=2e-5, lora_rank=64, guidance=3.5, n_aux=5, lambda_vlm=0.02,
                      balance=False, temperature_start=0.1, temperature_steps=2000, ema_decay=0.999,

@@ -36,3 +36,19 @@ def pytest_terminal_summary(terminalreporter):
                "reliability.bad_inputs_handled": _bad_inputs["handled"]}
     record_metrics(open_run("tests"), metrics)
     terminalreporter.write_line(" ".join(f"{key}={value}" for key, value in metrics.items()))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smoke_standins(tmp_path_factory):
+    """Every stand-in of ``make pretrain`` at smoke sizes (random-ish, seconds), made once per
+    test session into a temporary folder, with its checkpoints in a private cache."""
+    from nb_edit.training import pretrain_all
+
+    root = tmp_path_factory.mktemp("pretrained")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NB_EDIT_CACHE", str(tmp_path_factory.mktemp("pretrain_cache")))
+        pretrain_all.run(profile="smoke", root=root, num_threads=1)
+    return root

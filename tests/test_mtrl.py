@@ -43,17 +43,9 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def clean_editor(tmp_path_factory):
-    """The smoke stand-ins of ``make pretrain`` (teacher, then the clean-pair editor from it)."""
-    from nb_edit.training import pretrain_all
-
-    root = tmp_path_factory.mktemp("pretrained")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("NB_EDIT_CACHE", str(tmp_path_factory.mktemp("pretrain_cache")))
-        # pretraining asks for 2 threads; at these toy sizes on shared cores that is ~20x slower
-        patch.setattr(torch, "set_num_threads", lambda n: None)
-        pretrain_all.run(parts=["teacher", "clean"], profile="smoke", root=root)
-    return root / "clean"
+def clean_editor(smoke_standins):
+    """The smoke stand-in of the clean-pair editor (made from the smoke teacher)."""
+    return smoke_standins / "clean"
 
 
 @pytest.fixture(scope="module")

@@ -233,20 +233,18 @@ def test_failure_text_hook_replaces_the_world_recipe():
 
 
 @pytest.fixture(scope="module")
-def stage(tmp_path_factory):
+def stage(tmp_path_factory, smoke_standins):
     import os
 
     from nb_edit.config import RunSettings
     from nb_edit.data.world_datasets import shapesworld
     from nb_edit.models.judge import VLMJudge
     from nb_edit.rewards import annotate_rewards
-    from nb_edit.training import pretrain_all
     from nb_edit.training.pretrain_judge import judge_tokenizer
 
-    root = tmp_path_factory.mktemp("pretrained")
-    os.environ["NB_EDIT_CACHE"] = str(tmp_path_factory.mktemp("cache"))  # pretraining checkpoints go here too
+    root = smoke_standins
+    os.environ["NB_EDIT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     try:
-        pretrain_all.run(parts=["teacher", "noisy"], profile="smoke", root=root, num_threads=1)  # the editor
         data = shapesworld(RunSettings.for_profile("smoke"))
     finally:
         del os.environ["NB_EDIT_CACHE"]

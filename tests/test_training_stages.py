@@ -10,18 +10,8 @@ from nb_edit.data.world_datasets import shapesworld
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    import os
-
-    from nb_edit.training import pretrain_all
-
-    root = tmp_path_factory.mktemp("pretrained")
-    os.environ["NB_EDIT_CACHE"] = str(tmp_path_factory.mktemp("pretrain_cache"))  # checkpoints stay private
-    try:
-        pretrain_all.run(profile="smoke", root=root)
-    finally:
-        del os.environ["NB_EDIT_CACHE"]
-    return root
+def pretrained(smoke_standins):
+    return smoke_standins
 
 
 @pytest.fixture(scope="module")

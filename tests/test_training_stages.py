@@ -75,3 +75,23 @@ def test_npedit_rejects_unknown_variant():
 
     with pytest.raises(ValueError, match="variant='dmd'.*full, dmd_only"):
         NPEditConfig.for_profile("tiny", variant="dmd")
+
+
+@pytest.mark.bad_input
+def test_npedit_skips_and_counts_an_unreadable_source(data, tmp_path):
+    import shutil
+
+    from nb_edit.data.store import read_dataset
+    from nb_edit.training.npedit import load_unpaired
+    from nb_edit.validation import SkipCounter
+
+    folder = tmp_path / "unpaired"
+    shutil.copytree(data["root"] / "unpaired", folder)
+    dataset = read_dataset(folder, counter=SkipCounter(threshold_fraction=0.5, min_seen=1))
+    broken = dataset.image_path(0)
+    broken.write_bytes(b"not a png")  # every record of this reference image becomes unreadable
+    n_broken = sum(1 for i in range(len(dataset)) if dataset.image_path(i) == broken)
+    sources, records = load_unpaired(dataset)
+    assert len(records) == len(sources) == len(dataset) - n_broken
+    assert dataset.counter.reasons["unreadable_source"] == n_broken
+    assert dataset.metrics("data.unpaired")["data.unpaired.skipped"] == n_broken

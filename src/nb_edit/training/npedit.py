@@ -46,6 +46,7 @@ from nb_edit.rewards_math import temperature_ramp
 from nb_edit.sampling import unroll_two_steps
 from nb_edit.training.loop import LoopConfig, make_optimizer, train
 from nb_edit.utils import process_rank
+from nb_edit.validation import BadInputError
 
 VARIANTS = ("full", "dmd_only", "vlm_only", "no_identity", "full_vocab")
 
@@ -104,11 +105,23 @@ class UnpairedBatch:
 
 
 def load_unpaired(dataset) -> tuple[np.ndarray, list]:
-    """Source images and records of a curated set; asserts that it holds no target image."""
+    """Source images and records of a curated set; asserts that it holds no target image.
+
+    An unreadable source image is skipped and counted in the dataset's counter (its
+    ``metrics()`` go into the run's metrics), never silently dropped.
+    """
     if dataset.n_paired:
         raise AssertionError(f"NP-Edit trains without pairs, but this dataset holds {dataset.n_paired} targets.")
-    sources = np.stack([dataset.load(i)["source"] for i in range(len(dataset))])  # never a "target" field
-    return sources, list(dataset)
+    sources, records = [], []
+    for i, record in enumerate(dataset):
+        try:
+            sources.append(dataset.load(i)["source"])  # never a "target" field
+        except BadInputError as error:
+            dataset.counter.skip("unreadable_source", f"{record.id}: {error}")
+            continue
+        records.append(record)
+    dataset.counter.finish()
+    return np.stack(sources), records
 
 
 class NPEditTrainer:

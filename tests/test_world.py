@@ -260,3 +260,11 @@ def test_vocabulary_covers_every_instruction_and_caption():
         for edit in [sample_edit(scene, rng, CFG)] + propose_candidates(scene, rng, CFG, 3):
             for text in (edit.instruction, edit.caption, edit.caption_edited):
                 assert set(words(text)) <= vocab, text
+
+
+def test_caption_of_a_crowded_parse_does_not_fail():
+    # a generated image may parse into more identical objects than any scene has
+    from nb_edit.world import Obj, Scene, caption
+
+    scene = Scene("white", tuple(Obj("circle", "red", 0.1, 0.1 * i + 0.05, 0.5) for i in range(7)))
+    assert caption(scene) == "7 red circles on a white background"

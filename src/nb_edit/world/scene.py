@@ -137,7 +137,7 @@ def caption(scene: Scene) -> str:
     counts = Counter((o.colour, o.shape) for o in scene.objects)
     parts = []
     for (colour, shape), k in sorted(counts.items(), key=lambda item: (item[0][1], item[0][0])):
-        parts.append(f"{article(colour)} {colour} {shape}" if k == 1 else f"{_NUMBERS[k]} {colour} {plural(shape)}")
+        parts.append(f"{article(colour)} {colour} {shape}" if k == 1 else f"{_NUMBERS.get(k, str(k))} {colour} {plural(shape)}")
     things = " and ".join(parts) if parts else "nothing"
     text = f"{things} on {article(scene.background)} {scene.background} background"
     prefix = {"normal": "", "grayscale": "a grayscale picture of ", "invert": "a colour negative of "}

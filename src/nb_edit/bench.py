@@ -59,6 +59,7 @@ from nb_edit.models.lora import lora_parameters
 from nb_edit.models.tiny_configs import tiny_flux_config
 from nb_edit.training.loop import LoopConfig, make_optimizer
 from nb_edit.training.npedit import NPEditConfig, NPEditTrainer
+from nb_edit.validation import SkipCounter
 
 MB = 2**20
 
@@ -195,6 +196,7 @@ class UnpairedEdits:
         rng = np.random.default_rng(seed)
         self.edits = [random_edit(world.sample_scene(rng, self.cfg), rng, self.cfg) for _ in range(n)]
         self.sources = np.stack([world.render(e.source, self.cfg) for e in self.edits])
+        self.counter = SkipCounter(name="bench edits")  # where a dataset counts its bad samples
 
     def __len__(self) -> int:
         return len(self.edits)

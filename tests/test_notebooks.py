@@ -31,6 +31,7 @@ def test_notebook_hygiene(path):
     for line in lines:
         assert PARAM_LINE.match(line), f"{path.name}: parameter line not 'name: type = value  # meaning': {line!r}"
     names = set(papermill.inspect_notebook(str(path)))
+    assert len(names) == len(lines), f"{path.name}: papermill parses {sorted(names)} of {len(lines)} lines (no ';' in comments)"
     assert {"profile", "seed", "run_id"} <= names, f"{path.name}: missing a standard parameter"
     assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
     counts = [c.execution_count for c in nb.cells if c.cell_type == "code" and c.get("outputs")]

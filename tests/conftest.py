@@ -52,3 +52,14 @@ def smoke_standins(tmp_path_factory):
         patch.setenv("NB_EDIT_CACHE", str(tmp_path_factory.mktemp("pretrain_cache")))
         pretrain_all.run(profile="smoke", root=root, num_threads=1)
     return root
+
+
+@pytest.fixture(scope="session")
+def smoke_data(tmp_path_factory):
+    """The ShapesWorld datasets at smoke sizes, built once per test session in a private cache."""
+    from nb_edit.config import RunSettings
+    from nb_edit.data.world_datasets import shapesworld
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NB_EDIT_CACHE", str(tmp_path_factory.mktemp("data_cache")))
+        return shapesworld(RunSettings.for_profile("smoke"))

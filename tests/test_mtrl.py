@@ -1,14 +1,12 @@
 """MT-EditFlow: multi-turn rollouts, per-turn rewards, broadcast vs per-turn advantages, GRPO and
 NFT training at smoke sizes, and the multi-turn evaluation."""
 
-import os
 
 import numpy as np
 import pytest
 import torch
 
 from nb_edit import world
-from nb_edit.config import RunSettings
 from nb_edit.images import to_tensor
 from nb_edit.models.judge import VLMJudge
 from nb_edit.models.lora import lora_state_dict
@@ -32,14 +30,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from nb_edit.data.world_datasets import shapesworld
-
-    os.environ["NB_EDIT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    try:
-        return shapesworld(RunSettings.for_profile("smoke"))
-    finally:
-        del os.environ["NB_EDIT_CACHE"]
+def data(smoke_data):
+    return smoke_data
 
 
 @pytest.fixture(scope="module")

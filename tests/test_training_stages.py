@@ -5,8 +5,6 @@ import json
 import numpy as np
 import pytest
 
-from nb_edit.config import RunSettings
-from nb_edit.data.world_datasets import shapesworld
 
 
 @pytest.fixture(scope="module")
@@ -15,14 +13,8 @@ def pretrained(smoke_standins):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    import os
-
-    os.environ["NB_EDIT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    try:
-        return shapesworld(RunSettings.for_profile("smoke"))
-    finally:
-        del os.environ["NB_EDIT_CACHE"]
+def data(smoke_data):
+    return smoke_data
 
 
 def test_pretrain_writes_every_part_in_hub_layout(pretrained):

@@ -45,3 +45,19 @@ def test_two_processes_match_one_process_on_the_doubled_batch(tmp_path):
     assert not list((tmp_path / "ddp_ckpt").glob(".tmp-*"))  # no writer raced another
     newest = latest_checkpoint(tmp_path / "ddp_ckpt")  # written by process 0 only, then resumed by both
     assert newest is not None and newest.name == f"step_{STEPS:08d}"
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+def test_npedit_command_runs_in_two_processes(tmp_path, smoke_standins):
+    """``python -m nb_edit train npedit`` under the launcher: both processes finish, one writes."""
+    ckpt = tmp_path / "ckpt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NB_EDIT_CACHE": str(tmp_path / "cache"), "NB_EDIT_SMOKE": ""}
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+            "-m", "nb_edit", "train", "npedit", "--profile", "smoke", "--ckpt-dir", str(ckpt),
+            "--set", f"teacher_id={smoke_standins / 'teacher'}", "--set", f"judge_id={smoke_standins / 'judge'}",
+            "--set", "curve_every=0"]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert done.stdout.count("train npedit: 2 steps") == 2  # each process ran both steps
+    assert latest_checkpoint(ckpt) is not None and latest_checkpoint(ckpt).name.endswith("2")

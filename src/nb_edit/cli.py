@@ -131,6 +131,41 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import os
+
+    import torch.distributed as dist
+
+    from . import cache
+    from .config import RunSettings
+    from .data.world_datasets import shapesworld
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed and not dist.is_initialized():  # launched by accelerate launch / torchrun
+        dist.init_process_group("nccl" if __import__("torch").cuda.is_available() else "gloo")
+    try:
+        overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}
+        if args.stage != "npedit":
+            raise SystemExit(f"train: stage {args.stage!r} has no command yet; use npedit.")
+        from .training.npedit import NPEditConfig, train_npedit
+
+        cfg = NPEditConfig.for_profile(args.profile, **overrides)
+        settings = RunSettings.for_profile(args.profile)
+        if distributed:  # process 0 builds the datasets once; the others read them after it
+            if dist.get_rank() == 0:
+                shapesworld(settings, seed=0)
+            dist.barrier()
+        data = shapesworld(settings, seed=0)
+        ckpt = paths.cache_dir() / "npedit" / cache.config_key({**cfg.to_dict(), "data": str(data["root"])})
+        _, history = train_npedit(cfg, data["unpaired"], Path(args.ckpt_dir) if args.ckpt_dir else ckpt)
+        print(f"train npedit: {len(history)} steps, last loss_vlm {history[-1].get('loss_vlm')}, "
+              f"loss_dmd {history[-1].get('loss_dmd')}")
+    finally:
+        if distributed and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nb_edit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -162,5 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     ben.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     ben.add_argument("--gpu", action="store_true", help="also the real-size GPU benchmarks (needs CUDA)")
     ben.set_defaults(func=cmd_bench)
+    tr = sub.add_parser("train", help="run one training stage (accelerate launch / torchrun ready)")
+    tr.add_argument("stage", choices=["npedit"])
+    tr.add_argument("--profile", default="tiny")
+    tr.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="config override")
+    tr.add_argument("--ckpt-dir", default=None, help="checkpoint folder (default: keyed in the cache)")
+    tr.set_defaults(func=cmd_train)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -46,6 +46,12 @@ def artifact_dir(name: str, config: Mapping[str, Any], root: Path | None = None)
     return (root or paths.cache_dir()) / name / config_key(config)
 
 
+def checkpoint_dir(stage: str, config: Mapping[str, Any], root: Path | None = None) -> Path:
+    """Where a training run of ``stage`` made with ``config`` keeps its checkpoints: rerunning the
+    same configuration resumes (or finds finished) the same run; another configuration starts afresh."""
+    return artifact_dir(stage, config, root)
+
+
 def load(name: str, config: Mapping[str, Any], root: Path | None = None) -> Artifact | None:
     folder = artifact_dir(name, config, root)
     if not (folder / "meta.json").exists():  # meta.json is written last: its presence = complete

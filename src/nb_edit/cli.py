@@ -156,7 +156,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 shapesworld(settings, seed=0)
             dist.barrier()
         data = shapesworld(settings, seed=0)
-        ckpt = paths.cache_dir() / "npedit" / cache.config_key({**cfg.to_dict(), "data": str(data["root"])})
+        ckpt = cache.checkpoint_dir("npedit", {**cfg.to_dict(), "data": str(data["root"])})
         _, history = train_npedit(cfg, data["unpaired"], Path(args.ckpt_dir) if args.ckpt_dir else ckpt)
         print(f"train npedit: {len(history)} steps, last loss_vlm {history[-1].get('loss_vlm')}, "
               f"loss_dmd {history[-1].get('loss_dmd')}")

@@ -28,6 +28,7 @@ import torch
 
 from nb_edit import questions, world
 from nb_edit.config import StageConfig
+from nb_edit.data.judge_qa import random_edit
 from nb_edit.dmd import flow_matching_loss
 from nb_edit.images import to_tensor
 from nb_edit.models.editors import build_editor, editor_from_teacher
@@ -74,15 +75,6 @@ def _rng(seed: int, step: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, step, stream])  # data position = step: resumable
 
 
-def _random_edit(scene: world.Scene, rng: np.random.Generator, cfg: world.WorldConfig) -> world.Edit:
-    for _ in range(20):
-        try:
-            return world.sample_edit(scene, rng, cfg, str(rng.choice(world.EDIT_TYPES)))
-        except ValueError:  # this edit type is impossible for this scene; draw another
-            continue
-    return world.sample_edit(scene, rng, cfg, "noop")
-
-
 def teacher_batch(cfg: PretrainConfig, step: int) -> tuple[torch.Tensor, list[str]]:
     """Renders and captions: plain scenes, edit targets, and a share of styled scenes."""
     wcfg, rng = world.WorldConfig.from_dict(cfg.world), _rng(cfg.seed, step, 0)
@@ -90,7 +82,7 @@ def teacher_batch(cfg: PretrainConfig, step: int) -> tuple[torch.Tensor, list[st
     for _ in range(cfg.batch_size):
         scene = world.sample_scene(rng, wcfg)
         if rng.random() < cfg.edited_share:
-            scene = _random_edit(scene, rng, wcfg).target
+            scene = random_edit(scene, rng, wcfg).target
         if scene.style == "normal" and rng.random() < cfg.styled_share:
             scene = dataclasses.replace(scene, style=str(rng.choice(["grayscale", "invert"])))
         scenes.append(scene)
@@ -104,7 +96,7 @@ def pair_batch(cfg: PretrainConfig, step: int, noisy: bool) -> tuple[torch.Tenso
     wcfg, rng = world.WorldConfig.from_dict(cfg.world), _rng(cfg.seed, step, 1)
     sources, targets, instructions = [], [], []
     for _ in range(cfg.batch_size):
-        edit = _random_edit(world.sample_scene(rng, wcfg), rng, wcfg)
+        edit = random_edit(world.sample_scene(rng, wcfg), rng, wcfg)
         sources.append(world.render(edit.source, wcfg))
         targets.append(world.noisy_target(edit, rng, wcfg).image if noisy else world.render(edit.target, wcfg))
         instructions.append(NULL_TEXT if rng.random() < cfg.text_dropout else edit.instruction)

@@ -1,6 +1,8 @@
 """Paths, profiles, run folders, the metrics contract, the artifact cache and the report."""
 
 import json
+
+import numpy as np
 import os
 
 import pytest
@@ -111,3 +113,37 @@ def test_incomplete_cache_entry_is_rebuilt(tmp_path):
     (folder / "tensors.safetensors").write_bytes(b"garbage")  # a crash before meta.json
     art = cache.ensure("toy", {"a": 1}, lambda: {"x": torch.ones(1)}, root=tmp_path)
     assert not art.hit and torch.equal(cache.load("toy", {"a": 1}, root=tmp_path).tensors["x"], torch.ones(1))
+
+
+def test_seed_study_folds_per_seed_metrics_into_the_parent(tmp_path, monkeypatch):
+    from nb_edit import cli
+
+    monkeypatch.setattr(paths, "runs_dir", lambda: tmp_path)
+    parent = runs.open_run("study")
+    seed_runs = [runs.open_run(f"study.seed{k}") for k in range(3)]
+    for r, value in zip(seed_runs, (0.2, 0.4, 0.9)):
+        runs.record_metrics(r, {"npedit.full.oracle_success": value})
+    runs.record_metrics(seed_runs[0], {"npedit.only_once.value": 1.0})
+    summary = cli.aggregate_seeds(parent, seed_runs)
+    stored = runs.read_metrics(parent)
+    assert stored["npedit.full.oracle_success"] == pytest.approx(0.5)
+    assert stored["npedit.full.oracle_success.sd"] == pytest.approx(np.std([0.2, 0.4, 0.9], ddof=1))
+    assert stored["npedit.full.oracle_success.n"] == 3
+    assert summary["npedit.only_once.value.n"] == 1  # a figure one seed lacks says so in .n
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("params, needle", [({"seeds": "0,1"}, "list of integers"), ({"seeds": []}, "list of integers"),
+                                            ({"seeds": [0, 1]}, "seed_notebooks")])
+def test_seed_study_rejects_bad_parameters(params, needle):
+    from nb_edit import cli
+
+    with pytest.raises(SystemExit, match=needle):
+        cli.seed_study(params)
+
+
+def test_seed_study_parses_the_shipped_file():
+    from nb_edit import cli
+
+    seeds, books = cli.seed_study(cli.load_parameters(["papermill_runs/seeds.yaml"], []))
+    assert seeds == [0, 1, 2] and books == {"05", "06", "07"}

@@ -65,37 +65,96 @@ def environment() -> dict[str, str]:
     return versions
 
 
+SEED_STUDY_KEYS = ("seeds", "seed_notebooks")
+
+
+def seed_study(params: dict[str, Any]) -> tuple[list[int], set[str]]:
+    """The seed study named in the parameters: ``seeds: [0, 1, 2]`` and ``seed_notebooks: "05,06,07"``.
+
+    Without ``seeds`` there is none (every notebook runs once with ``seed``).
+    """
+    seeds = params.get("seeds")
+    if seeds is None:
+        return [], set()
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise SystemExit(f"seeds={seeds!r}: give a non-empty list of integers, e.g. seeds: [0, 1, 2].")
+    books = params.get("seed_notebooks")
+    if not books:
+        raise SystemExit("a seed study needs seed_notebooks: the notebooks to repeat per seed, e.g. \"05,06,07\".")
+    return seeds, {str(b).strip().zfill(2) for b in str(books).split(",") if str(b).strip()}
+
+
+def aggregate_seeds(parent: runs.Run, seed_runs: list[runs.Run]) -> dict[str, float]:
+    """Fold the per-seed metrics into the parent run: mean under the key, ``.sd`` and ``.n`` beside.
+
+    A key missing from some seed is summarised over the seeds that have it (``.n`` says how many).
+    """
+    per_seed = [runs.read_metrics(r) for r in seed_runs]
+    keys = sorted({k for m in per_seed for k in m if not k.endswith((".sd", ".n"))})
+    summary: dict[str, float] = {}
+    for key in keys:
+        summary.update(runs.seed_summary(key, [m[key] for m in per_seed if key in m]))
+    runs.record_metrics(parent, summary)
+    return summary
+
+
+def _execute(pm, book: Path, out: Path, params: dict[str, Any], args: argparse.Namespace) -> bool:
+    try:
+        pm.execute_notebook(
+            str(book), str(out), parameters=params, kernel_name="python3",
+            cwd=str(paths.notebooks_dir()), log_output=args.log_output,
+            execution_timeout=args.cell_timeout, progress_bar=False,
+        )
+    except pm.PapermillExecutionError as exc:
+        print(f"{book.name} failed: {exc.ename}: {exc.evalue}", file=sys.stderr)
+        return False
+    return True
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    """Execute the notebooks in order into ``papermill_runs/<run_id>/``, then write the report.
+
+    With a seed study, each of ``seed_notebooks`` runs once per seed into its own run
+    ``<run_id>.seed<k>``; their metrics are folded into the parent (mean, ``.sd``, ``.n``)
+    before the next notebook, so the evaluation notebook sees the whole study.
+    """
     import papermill as pm
 
     run = runs.open_run(args.run_id or runs.new_run_id())
     params = load_parameters(args.file, args.parameter)
+    seeds, seed_books = seed_study(params)
+    params = {k: v for k, v in params.items() if k not in SEED_STUDY_KEYS}
     params["run_id"] = run.run_id
     books = notebook_list(args.only)
     config = {"run_id": run.run_id, "parameters": params, "notebooks": [b.name for b in books],
               "environment": environment(), "timings_s": {}}
+    if seeds:
+        config["seed_study"] = {"seeds": seeds, "notebooks": sorted(seed_books)}
     runs.write_config(run, config)
     print(f"run {run.run_id}: {len(books)} notebooks -> {run.dir}", flush=True)
-    status = 0
+    ok = True
     for book in books:
         start = time.perf_counter()
-        print(f"== {book.name}", flush=True)
-        try:
-            pm.execute_notebook(
-                str(book), str(run.dir / book.name), parameters=params, kernel_name="python3",
-                cwd=str(paths.notebooks_dir()), log_output=args.log_output,
-                execution_timeout=args.cell_timeout, progress_bar=False,
-            )
-        except pm.PapermillExecutionError as exc:
-            print(f"{book.name} failed: {exc.ename}: {exc.evalue}", file=sys.stderr)
-            status = 1
+        if book.name[:2] in seed_books:
+            seed_runs = [runs.open_run(f"{run.run_id}.seed{seed}") for seed in seeds]
+            for seed, seed_run in zip(seeds, seed_runs):
+                print(f"== {book.name} (seed {seed})", flush=True)
+                ok = _execute(pm, book, seed_run.dir / book.name, {**params, "seed": seed, "run_id": seed_run.run_id},
+                              args)
+                if not ok:
+                    break
+            if ok:
+                aggregate_seeds(run, seed_runs)
+        else:
+            print(f"== {book.name}", flush=True)
+            ok = _execute(pm, book, run.dir / book.name, params, args)
         config["timings_s"][book.name] = time.perf_counter() - start
         runs.write_config(run, config)
-        if status:
+        if not ok:
             break
     path = report.write_report(run)
     print(f"report: {path}")
-    return status
+    return 0 if ok else 1
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ from nb_edit import questions, world
 from nb_edit.world.config import OBJECT_COLOURS
 from nb_edit.world.render import object_layer
 
-OUTPUT_KINDS = ("target", "source", "noisy", "blur", "blend", "other_target")
+OUTPUT_KINDS = ("target", "source", "noisy", "blur", "blend", "other_target", "patchy")
 
 
 @dataclass
@@ -60,7 +60,23 @@ def candidate_output(edit: world.Edit, kind: str, rng: np.random.Generator, cfg:
         return np.rint(alpha * target.astype(float) + (1 - alpha) * source.astype(float)).astype(np.uint8)
     if kind == "other_target":
         return world.render(random_edit(edit.source, rng, cfg).target, cfg)
+    if kind == "patchy":
+        return patch_artifacts(target, source, rng)
     raise ValueError(f"output kind {kind!r} is unknown; use one of {OUTPUT_KINDS}.")
+
+
+def patch_artifacts(target: np.ndarray, source: np.ndarray, rng: np.random.Generator, patch: int = 4) -> np.ndarray:
+    """A generator-like failure: some ``patch``-pixel tiles of the target replaced by tiles taken
+    from elsewhere in the target or the source, each with a colour cast (what an undertrained
+    patch-token DiT draws)."""
+    out = target.copy()
+    grid = target.shape[0] // patch
+    for _ in range(int(rng.integers(3, grid * grid // 2))):
+        (r, c), (r2, c2) = rng.integers(0, grid, size=2), rng.integers(0, grid, size=2)
+        tile = (source if rng.random() < 0.5 else target)[r2 * patch:(r2 + 1) * patch, c2 * patch:(c2 + 1) * patch]
+        cast = rng.normal(0.0, 25.0, size=3)
+        out[r * patch:(r + 1) * patch, c * patch:(c + 1) * patch] = np.clip(tile + cast, 0, 255).astype(np.uint8)
+    return out
 
 
 def removed_object_name(edit: world.Edit) -> str | None:
@@ -89,6 +105,20 @@ def edit_examples(edit: world.Edit, output: np.ndarray, cfg: world.WorldConfig) 
     return examples
 
 
+def changed_pixels(a: np.ndarray, b: np.ndarray, threshold: float = 20.0) -> np.ndarray:
+    """Bool (H, W): pixels whose mean absolute RGB difference between two uint8 images exceeds ``threshold``."""
+    return np.abs(a.astype(np.int16) - b.astype(np.int16)).mean(axis=-1) > threshold
+
+
+def patch_share(mask: np.ndarray, patch: int, min_share: float = 0.05) -> np.ndarray:
+    """Per-patch labels of a bool mask ``(..., H, W)``: 1 where more than ``min_share`` of a patch is set."""
+    *lead, h, w = mask.shape
+    if h % patch or w % patch:
+        raise ValueError(f"a {h}x{w} mask does not split into {patch}-pixel patches; use a patch size dividing {h}.")
+    share = mask.reshape(*lead, h // patch, patch, w // patch, patch).mean(axis=(-3, -1))
+    return (share > min_share).reshape(*lead, -1)
+
+
 def presence_example(scene: world.Scene, rng: np.random.Generator, cfg: world.WorldConfig) -> QAExample:
     """A single-image question (image 2 alone matters): is there a <colour> <shape>?"""
     image = world.render(scene, cfg)
@@ -103,7 +133,8 @@ def presence_example(scene: world.Scene, rng: np.random.Generator, cfg: world.Wo
 def qa_batch(cfg: world.WorldConfig, rng: np.random.Generator, batch_size: int,
              edit_share: float = 1.0, kind_weights: dict[str, float] | None = None) -> list[QAExample]:
     """A batch mixing NP-Edit questions on edits (share ``edit_share``) and presence questions."""
-    weights = kind_weights or {"target": 3, "source": 1.5, "noisy": 2, "blur": 1, "blend": 1, "other_target": 1}
+    weights = kind_weights or {"target": 3, "source": 1.5, "noisy": 2, "blur": 1, "blend": 1, "other_target": 1,
+                               "patchy": 1.5}
     kinds, probs = list(weights), np.array(list(weights.values()), dtype=float)
     out: list[QAExample] = []
     while len(out) < batch_size:

@@ -69,23 +69,28 @@ def tiny_unet_config(latent_channels: int = TINY_PIXEL_CHANNELS, with_reference:
 
 def tiny_flux_config(latent_channels: int = TINY_PIXEL_CHANNELS, patch: int = TINY_DIT_PATCH,
                      **overrides) -> dict:
-    """``FluxTransformer2DModel`` fields: 3 double + 3 single blocks, 4 heads x 16, 0.7 M params.
+    """``FluxTransformer2DModel`` fields: 3 double + 3 single blocks, 2 heads x 32, 0.7 M params.
 
     As in the FLUX.1 hub configs, ``patch_size`` stays 1 and the editor packs ``patch x patch``
     latent pixels into each token itself, so ``in_channels = latent_channels * patch**2``.
-    The rotary axes (4, 6, 6) split the head dimension 16 over (image index, row, column).
+    The rotary axes (8, 12, 12) split the head dimension 32 over (image index, row, column).
+    FLUX's rotary base is 10000, so an axis of ``d`` dimensions turns at the frequencies
+    ``10000^(-2i/d)``: with 6 dimensions per axis (4 heads x 16) only the first one (1 rad per
+    token) varies over an 8-token grid, and rows 0 and 6 are almost the same angle (6 rad ~ 2 pi);
+    the model then cannot tell where a token is, its samples come out scrambled and an editor
+    cannot copy its reference. 12 dimensions add 0.22 rad per token, which tells all 8 apart.
     """
     config = dict(
         patch_size=1,
         in_channels=latent_channels * patch * patch,
         num_layers=3,
         num_single_layers=3,
-        attention_head_dim=16,
-        num_attention_heads=4,
+        attention_head_dim=32,
+        num_attention_heads=2,
         joint_attention_dim=TINY_TEXT_DIM,
         pooled_projection_dim=TINY_TEXT_DIM,
         guidance_embeds=False,
-        axes_dims_rope=(4, 6, 6),
+        axes_dims_rope=(8, 12, 12),
     )
     config.update(overrides)
     return config

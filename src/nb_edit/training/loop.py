@@ -56,7 +56,8 @@ class LoopConfig:
     weight_decay: float = 0.0
     eps: float = 1e-8
     optimizer: str = "adamw8bit"  # "adamw8bit" (bitsandbytes, runs on CPU too) | "adamw"
-    warmup_steps: int = 0  # linear LR warm-up, then constant
+    warmup_steps: int = 0  # linear LR warm-up, then constant (or cosine, see schedule)
+    schedule: str = "constant"  # "constant" | "cosine" (half a cosine from lr down to 0 over the steps)
     grad_clip: float | None = 1.0  # max global gradient norm; None = no clipping
     ema_decay: float | None = None  # e.g. 0.999; None = no EMA
     checkpoint_every: int = 100
@@ -69,6 +70,7 @@ class LoopConfig:
         self.betas = tuple(self.betas)
         checks = {"optimizer": self.optimizer in ("adamw8bit", "adamw"),
                   "mixed_precision": self.mixed_precision in ("no", "bf16", "fp16"),
+                  "schedule": self.schedule in ("constant", "cosine"),
                   "steps": self.steps >= 0, "lr": self.lr > 0, "checkpoint_every": self.checkpoint_every > 0,
                   "max_nonfinite": self.max_nonfinite > 0, "warmup_steps": self.warmup_steps >= 0,
                   "ema_decay": self.ema_decay is None or 0.0 < self.ema_decay < 1.0,
@@ -77,7 +79,7 @@ class LoopConfig:
             if not good:
                 raise ValueError(f"LoopConfig.{name}={getattr(self, name)!r} is invalid; fix: see the "
                                  "comment on the field (optimizer adamw8bit|adamw, mixed_precision "
-                                 "no|bf16|fp16, positive sizes, ema_decay in (0, 1))")
+                                 "no|bf16|fp16, schedule constant|cosine, positive sizes, ema_decay in (0, 1))")
 
 
 def _world_size() -> int:
@@ -147,8 +149,12 @@ def make_optimizer(params, config: LoopConfig) -> torch.optim.Optimizer:
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: LoopConfig) -> torch.optim.lr_scheduler.LRScheduler:
-    """Linear warm-up over ``warmup_steps``, then the constant ``lr``."""
+    """Linear warm-up over ``warmup_steps``, then the constant ``lr`` or diffusers' cosine decay."""
     warmup = config.warmup_steps
+    if config.schedule == "cosine":
+        from diffusers.optimization import get_cosine_schedule_with_warmup
+
+        return get_cosine_schedule_with_warmup(optimizer, warmup, max(config.steps, warmup + 1))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
 
 

@@ -29,7 +29,7 @@ import torch
 from nb_edit import questions, world
 from nb_edit.config import StageConfig
 from nb_edit.data.judge_qa import random_edit
-from nb_edit.dmd import flow_matching_loss
+from nb_edit.dmd import flow_matching_loss, logit_normal_t, uniform_t
 from nb_edit.images import to_tensor
 from nb_edit.models.editors import build_editor, editor_from_teacher
 from nb_edit.models.loaders import load_editor, load_teacher, load_text_encoder, save_components
@@ -44,11 +44,13 @@ class PretrainConfig(StageConfig):
     """Sizes of one pretraining job (teacher or supervised editor)."""
 
     backbone: str = "dit"
-    steps: int = 2000  # teacher steps
-    editor_steps: int = 800  # supervised editor steps (they start from the teacher)
+    steps: int = 3000  # teacher steps
+    editor_steps: int = 1200  # supervised editor steps (they start from the teacher)
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 5e-4
     warmup_steps: int = 100
+    schedule: str = "cosine"
+    t_sampling: str = "logit_normal"  # "logit_normal" (SD3) | "uniform"
     text_dropout: float = 0.1  # share of empty captions / instructions (for CFG)
     styled_share: float = 0.15  # teacher: share of grayscale / colour-negative scenes
     edited_share: float = 0.5  # teacher: share of scenes that are targets of an edit
@@ -56,13 +58,19 @@ class PretrainConfig(StageConfig):
     world: dict = dataclasses.field(default_factory=lambda: world.WorldConfig().to_dict())
 
     PROFILES: ClassVar[dict[str, dict[str, Any]]] = {
-        "tiny": dict(steps=2000, batch_size=64),
+        "tiny": dict(steps=3000, batch_size=64),
         "smoke": dict(steps=2, editor_steps=2, batch_size=4, warmup_steps=0, num_threads=1),
     }
 
     def loop(self, steps: int | None = None, ckpt_every: int = 200) -> LoopConfig:
-        return LoopConfig(steps=self.steps if steps is None else steps, lr=self.lr, warmup_steps=self.warmup_steps, optimizer="adamw",
-                          grad_clip=1.0, checkpoint_every=ckpt_every, seed=self.seed)
+        return LoopConfig(steps=self.steps if steps is None else steps, lr=self.lr, warmup_steps=self.warmup_steps,
+                          schedule=self.schedule, optimizer="adamw", grad_clip=1.0, checkpoint_every=ckpt_every,
+                          seed=self.seed)
+
+    def t_sampler(self):
+        if self.t_sampling not in ("logit_normal", "uniform"):
+            raise ValueError(f"t_sampling={self.t_sampling!r} is unknown; use 'logit_normal' or 'uniform'.")
+        return logit_normal_t() if self.t_sampling == "logit_normal" else uniform_t()
 
 
 def world_tokenizer(world_cfg: world.WorldConfig, save_dir: Path | None = None):
@@ -118,7 +126,7 @@ def train_teacher(cfg: PretrainConfig, out_dir: Path, ckpt_dir: Path) -> dict[st
         states, pooled, _ = text_encoder.encode(captions)
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         fn = lambda x, t: teacher(x, t, states, pooled)  # noqa: E731
-        return {"loss": flow_matching_loss(fn, images, gen)}
+        return {"loss": flow_matching_loss(fn, images, gen, cfg.t_sampler())}
 
     start = time.perf_counter()
     history = train(step_fn, {"teacher": teacher, "text_encoder": text_encoder}, config=cfg.loop(),
@@ -140,7 +148,7 @@ def train_supervised_editor(cfg: PretrainConfig, teacher_dir: Path, out_dir: Pat
             states, pooled, _ = text_encoder.encode(instructions)
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         fn = lambda x, t: editor(x, t, states, pooled, source_latents=sources)  # noqa: E731
-        return {"loss": flow_matching_loss(fn, targets, gen)}
+        return {"loss": flow_matching_loss(fn, targets, gen, cfg.t_sampler())}
 
     start = time.perf_counter()
     history = train(step_fn, {"editor": editor}, config=cfg.loop(cfg.editor_steps), ckpt_dir=ckpt_dir,

@@ -29,10 +29,15 @@ def is_complete(folder: Path) -> bool:
 
 
 def _record(root: Path, name: str, summary: dict) -> None:
+    """Merge one part's summary into ``pretrain_metrics.json`` (locked: parts may train in parallel)."""
+    import fcntl
+
     path = root / "pretrain_metrics.json"
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data[name] = {k: v for k, v in summary.items() if k != "loss_curve"}
-    path.write_text(json.dumps(data, indent=2, sort_keys=True))
+    with open(root / ".pretrain_metrics.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = json.loads(path.read_text()) if path.exists() else {}
+        data[name] = {k: v for k, v in summary.items() if k != "loss_curve"}
+        path.write_text(json.dumps(data, indent=2, sort_keys=True))
 
 
 def run(parts: list[str] | None = None, profile: str = "tiny", force: bool = False, seed: int = 0,

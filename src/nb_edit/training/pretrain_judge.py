@@ -14,7 +14,11 @@ learns nothing in CPU minutes:
    and identity questions on correct, unchanged, wrong, partial, collateral, blurred and
    blended outputs, the remove variant, single-image presence questions and the 0-5 quality
    score. Loss: cross-entropy of the answer token at the answer position; the vision tower
-   learns at a tenth of the rate.
+   learns at a tenth of the rate. One answer token is little signal per example, so two
+   dense auxiliary targets ride along on the language model's last hidden states at the
+   tokens of image 2 (a throw-away linear head, as in stage 1): per patch, *did it change
+   from image 1?*, the comparison "was the rest preserved?" is built on. A quarter-size batch
+   of stage-2 examples keeps the model able to describe what it sees.
 
 The examples are generated once into a pool (the artifact cache) and reused every epoch.
 """
@@ -42,16 +46,20 @@ from nb_edit.training.loop import LoopConfig, train
 @dataclasses.dataclass
 class JudgeConfig(StageConfig):
     family: str = "llava"
+    patch_size: int = 8  # 32 px / 8 = 16 tokens per image
     vision_layers: int = 3
     text_layers: int = 3
     hidden: int = 96
-    perception_steps: int = 400
-    align_steps: int = 600
-    qa_steps: int = 800
+    perception_steps: int = 300
+    align_steps: int = 500
+    qa_steps: int = 3000
     batch_size: int = 64
     lr: float = 1e-3
+    qa_lr: float = 5e-4
     vision_lr_scale: float = 0.1
-    pool_size: int = 8000
+    aux_weight: float = 1.0  # dense per-patch "changed" target in stage 3
+    align_mix: float = 0.5  # weight of the stage-2 loss kept in stage 3
+    pool_size: int = 12000
     eval_size: int = 1000
     presence_share: float = 0.15  # share of single-image presence questions
     num_threads: int = 2
@@ -59,7 +67,7 @@ class JudgeConfig(StageConfig):
 
     PROFILES: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": {},
-        "smoke": dict(perception_steps=2, align_steps=2, qa_steps=2, batch_size=4, pool_size=16, eval_size=8,
+        "smoke": dict(perception_steps=2, align_steps=2, qa_steps=2, batch_size=4, pool_size=16, eval_size=16,
                       vision_layers=2, text_layers=2, num_threads=1),
     }
 
@@ -74,7 +82,7 @@ def build_pool(cfg: JudgeConfig, n: int, seed: int) -> cache.Artifact:
     """``n`` oracle-labelled QA examples (uint8 images, questions, answers), cached."""
     wcfg = world.WorldConfig.from_dict(cfg.world)
     key = {"what": "judge_qa_pool", "n": n, "seed": seed, "world": cfg.world, "presence": cfg.presence_share,
-           "version": 1}
+           "version": 3}
 
     def build():
         rng = np.random.default_rng(seed)
@@ -214,31 +222,58 @@ def qa_logits(judge: VLMJudge, source: torch.Tensor, output: torch.Tensor, qs: l
     return judge.answer_logits(images, qs)[:, 0]
 
 
+def dense_targets(pool: cache.Artifact, patch: int) -> torch.Tensor:
+    """``(N, tokens, 1)`` per-patch labels of image 2: did the patch change from image 1?"""
+    source, output = pool.tensors["source"].numpy(), pool.tensors["output"].numpy()
+    changed = judge_qa.patch_share(judge_qa.changed_pixels(source, output), patch)
+    return torch.from_numpy(changed[..., None]).float()
+
+
+def qa_forward(judge: VLMJudge, source: torch.Tensor, output: torch.Tensor, qs: list[str]):
+    """Answer-position logits ``(B, V)`` and the last hidden states at image 2's tokens ``(B, T, D)``."""
+    from nb_edit.models.judge import _right_pad
+
+    vision, counts, _ = judge._vision_inputs([to_tensor(source.numpy()), to_tensor(output.numpy())])
+    ids, lengths = _right_pad([judge.prompt_ids(q, counts)[0] for q in qs], judge.pad_id, judge.device)
+    hidden = judge._base_forward(ids, vision).last_hidden_state
+    image_pos = (ids == judge.image_token_id).nonzero()[:, 1].view(len(qs), -1)[:, counts[0]:]
+    rows = torch.arange(len(qs), device=hidden.device)[:, None]
+    return judge._logits_at(hidden, lengths).float(), hidden[rows, image_pos]
+
+
 def train_questions(judge: VLMJudge, cfg: JudgeConfig, pool: cache.Artifact, ckpt_dir: Path) -> list[dict]:
     n = pool.tensors["source"].shape[0]
     qs, answers = pool.meta["question"], pool.meta["answer"]
     targets = answer_ids(judge, answers)
+    dense = dense_targets(pool, judge.model.config.vision_config.patch_size)
+    heads = torch.nn.Linear(judge.model.config.text_config.hidden_size, dense.shape[-1])  # discarded after training
     vision = [p for n_, p in judge.model.named_parameters() if "vision_tower" in n_]
-    rest = [p for n_, p in judge.model.named_parameters() if "vision_tower" not in n_]
-    optimizer = torch.optim.AdamW([{"params": rest, "lr": cfg.lr},
-                                   {"params": vision, "lr": cfg.lr * cfg.vision_lr_scale}], lr=cfg.lr)
+    rest = [p for n_, p in judge.model.named_parameters() if "vision_tower" not in n_] + list(heads.parameters())
+    optimizer = torch.optim.AdamW([{"params": rest, "lr": cfg.qa_lr},
+                                   {"params": vision, "lr": cfg.qa_lr * cfg.vision_lr_scale}], lr=cfg.qa_lr)
+    align_cfg = dataclasses.replace(cfg, batch_size=max(1, cfg.batch_size // 4), seed=cfg.seed + 1)
 
     def batch_fn(step):
         epoch, offset = divmod(step * cfg.batch_size, n)
         order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
         idx = np.concatenate([order, np.random.default_rng([cfg.seed, epoch + 1]).permutation(n)])
-        return idx[offset: offset + cfg.batch_size]
+        return idx[offset: offset + cfg.batch_size], _alignment_batch(align_cfg, step)
 
-    def step_fn(idx, step):
-        logits = qa_logits(judge, pool.tensors["source"][idx], pool.tensors["output"][idx], [qs[i] for i in idx])
+    def step_fn(batch, step):
+        idx, align = batch
+        logits, image2 = qa_forward(judge, pool.tensors["source"][idx], pool.tensors["output"][idx], [qs[i] for i in idx])
         target = targets[idx]
-        loss = F.cross_entropy(logits, target)
-        return {"loss": loss, "acc": (logits.argmax(-1) == target).float().mean()}
+        answer = F.cross_entropy(logits, target)
+        aux = F.binary_cross_entropy_with_logits(heads(image2).float(), dense[idx])
+        describe = sequence_loss(judge, [align[0], align[1]], align[2], align[3])
+        loss = answer + cfg.aux_weight * aux + cfg.align_mix * describe
+        return {"loss": loss, "answer_loss": answer, "aux_loss": aux, "describe_loss": describe,
+                "acc": (logits.argmax(-1) == target).float().mean()}
 
-    loop = LoopConfig(steps=cfg.qa_steps, lr=cfg.lr, optimizer="adamw", grad_clip=1.0, warmup_steps=50,
+    loop = LoopConfig(steps=cfg.qa_steps, lr=cfg.qa_lr, optimizer="adamw", grad_clip=1.0, warmup_steps=50,
                       checkpoint_every=250, seed=cfg.seed)
-    return list(train(step_fn, {"judge": judge.model}, config=loop, ckpt_dir=ckpt_dir, batch_fn=batch_fn,
-                      optimizers={"main": optimizer}, run_config=cfg.to_dict()))
+    return list(train(step_fn, {"judge": judge.model, "heads": heads}, config=loop, ckpt_dir=ckpt_dir,
+                      batch_fn=batch_fn, optimizers={"main": optimizer}, run_config=cfg.to_dict()))
 
 
 @torch.no_grad()
@@ -261,8 +296,10 @@ def evaluate_pool(judge: VLMJudge, pool: cache.Artifact, batch: int = 128) -> di
 def train_judge(cfg: JudgeConfig, out_dir: Path, ckpt_dir: Path) -> dict[str, Any]:
     start = time.perf_counter()
     wcfg = world.WorldConfig.from_dict(cfg.world)
-    judge = VLMJudge.tiny(cfg.family, judge_tokenizer(wcfg), image_size=wcfg.resolution, seed=cfg.seed,
-                          vision_layers=cfg.vision_layers, text_layers=cfg.text_layers, hidden=cfg.hidden)
+    sizes = dict(vision_layers=cfg.vision_layers, text_layers=cfg.text_layers, hidden=cfg.hidden)
+    if cfg.family == "llava":
+        sizes["patch_size"] = cfg.patch_size
+    judge = VLMJudge.tiny(cfg.family, judge_tokenizer(wcfg), image_size=wcfg.resolution, seed=cfg.seed, **sizes)
     judge.model.train()
     perception = train_perception(judge, cfg, ckpt_dir / "perception")
     alignment = train_alignment(judge, cfg, ckpt_dir / "alignment")
@@ -271,7 +308,7 @@ def train_judge(cfg: JudgeConfig, out_dir: Path, ckpt_dir: Path) -> dict[str, An
     judge.model.eval()
     held_out = evaluate_pool(judge, build_pool(cfg, cfg.eval_size, seed=cfg.seed + 10_000))
     judge.save_pretrained(out_dir)
-    losses = [h["loss"] for h in history]
+    losses = [h["answer_loss"] for h in history]
     return {"steps": len(perception) + len(alignment) + len(history), "final_loss": float(np.mean(losses[-50:])),
             "perception_final_loss": float(np.mean([h["loss"] for h in perception[-20:]])),
             "alignment_final_loss": float(np.mean([h["loss"] for h in alignment[-20:]])),

@@ -147,3 +147,15 @@ def test_seed_study_parses_the_shipped_file():
 
     seeds, books = cli.seed_study(cli.load_parameters(["papermill_runs/seeds.yaml"], []))
     assert seeds == [0, 1, 2] and books == {"05", "06", "07"}
+
+
+def test_checkpoint_dir_changes_when_the_standins_are_remade(tmp_path, monkeypatch):
+    monkeypatch.setattr(paths, "pretrained_dir", lambda: tmp_path / "pretrained")
+    monkeypatch.setenv("NB_EDIT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "pretrained" / "teacher").mkdir(parents=True)
+    made_by = tmp_path / "pretrained" / "teacher" / "made_by.json"
+    made_by.write_text('{"steps": 2000}')
+    before = cache.checkpoint_dir("npedit", {"steps": 100})
+    assert cache.checkpoint_dir("npedit", {"steps": 100}) == before  # same stand-ins, same run
+    made_by.write_text('{"steps": 3000}')  # make pretrain remade the teacher
+    assert cache.checkpoint_dir("npedit", {"steps": 100}) != before

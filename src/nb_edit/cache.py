@@ -46,10 +46,26 @@ def artifact_dir(name: str, config: Mapping[str, Any], root: Path | None = None)
     return (root or paths.cache_dir()) / name / config_key(config)
 
 
+def standins_fingerprint() -> str:
+    """A short hash of the shipped stand-ins (every ``data/pretrained/*/made_by.json``).
+
+    Runs that start from the shipped models mix it into their cache keys, so remaking the
+    stand-ins (``make pretrain``) retrains them instead of finding runs made from the old ones.
+    """
+    from nb_edit import paths
+
+    digest = hashlib.sha256()
+    for made_by in sorted(paths.pretrained_dir().glob("*/made_by.json")):
+        digest.update(made_by.parent.name.encode())
+        digest.update(made_by.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def checkpoint_dir(stage: str, config: Mapping[str, Any], root: Path | None = None) -> Path:
     """Where a training run of ``stage`` made with ``config`` keeps its checkpoints: rerunning the
-    same configuration resumes (or finds finished) the same run; another configuration starts afresh."""
-    return artifact_dir(stage, config, root)
+    same configuration from the same shipped stand-ins resumes (or finds finished) the same run;
+    another configuration, or remade stand-ins, start afresh."""
+    return artifact_dir(stage, {**config, "standins": standins_fingerprint()}, root)
 
 
 def load(name: str, config: Mapping[str, Any], root: Path | None = None) -> Artifact | None:

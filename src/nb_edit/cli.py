@@ -128,6 +128,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     books = notebook_list(args.only)
     config = {"run_id": run.run_id, "parameters": params, "notebooks": [b.name for b in books],
               "environment": environment(), "timings_s": {}}
+    earlier = run.dir / "config.json"
+    if earlier.exists():  # more notebooks into an existing run (--only): keep what ran before
+        before = json.loads(earlier.read_text())
+        config["timings_s"] = before.get("timings_s", {})
+        config["notebooks"] = sorted(set(before.get("notebooks", [])) | set(config["notebooks"]))
     if seeds:
         config["seed_study"] = {"seeds": seeds, "notebooks": sorted(seed_books)}
     runs.write_config(run, config)

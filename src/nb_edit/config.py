@@ -75,6 +75,9 @@ class StageConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
+THREADS_ENV = "NB_EDIT_THREADS"
+
+
 @dataclasses.dataclass
 class RunSettings(StageConfig):
     """Settings every notebook shares: device, precision, world size and evaluation size."""
@@ -87,7 +90,9 @@ class RunSettings(StageConfig):
     n_train_scenes: int = 1000  # reference scenes of the synthetic training sets
     n_sequences: int = 200  # multi-turn training sequences
     n_test_sequences: int = 100  # held-out multi-turn test sequences
-    num_threads: int = 2  # torch CPU threads
+    # torch CPU threads; NB_EDIT_THREADS sets the default (1 when other jobs share the cores:
+    # two jobs with 2 threads each on 2 cores run several times slower than with 1 each)
+    num_threads: int = dataclasses.field(default_factory=lambda: int(os.environ.get(THREADS_ENV, "2")))
 
     PROFILES: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": dict(resolution=32),

@@ -124,6 +124,18 @@ def test_image_grid_axes_labels_upscaling_and_png(tmp_path):
     assert plt.get_fignums() == []  # built without pyplot: nothing left open to leak
 
 
+def test_image_grid_row_labels_across_get_room():
+    rows = [[_image(0), _image(50)], [_image(100), _image(150)]]
+    labels = ["source", "a rather long method name"]
+    upright = viz.image_grid(rows, row_labels=labels, scale=2)
+    across = viz.image_grid(rows, row_labels=labels, scale=2, row_label_rotation=0)
+    assert upright.axes[2].yaxis.label.get_rotation() == 90 and across.axes[2].yaxis.label.get_rotation() == 0
+    assert across.axes[2].yaxis.label.get_horizontalalignment() == "right"
+    assert across.get_figwidth() - upright.get_figwidth() == pytest.approx(0.15 + 0.065 * len(labels[1]) - 0.4)
+    chain = viz.chain_figure([[_image(0), _image(60)]], titles=["method"], row_label_rotation=0)
+    assert chain.axes[0].yaxis.label.get_rotation() == 0
+
+
 def test_image_grid_rejects_float_images_with_a_fix():
     with pytest.raises(BadInputError, match=r"rows\[0\]\[1\].*to_uint8"):
         viz.image_grid([[_image(0), np.zeros((SIZE, SIZE, 3), np.float32)]])
@@ -158,6 +170,10 @@ def test_chain_curves_and_claim_figures():
     turns = viz.success_over_turns({"grpo": [0.9, 0.7, 0.5], "base": [0.8, 0.5, 0.3]},
                                    intervals={"grpo": [(0.85, 0.95), (0.6, 0.8), (0.4, 0.6)]})
     assert len(turns.axes[0].lines) == 2 and len(turns.axes[0].collections) == 1
+    many = viz.success_over_turns({f"method {i}": [0.5, 0.4, 0.3] for i in range(6)})
+    legend = many.axes[0].get_legend()
+    assert len(legend.get_texts()) == 6 and legend.get_bbox_to_anchor().x0 > many.axes[0].bbox.x1  # right of the axes
+    assert many.get_figwidth() > turns.get_figwidth()
 
 
 # --------------------------------------------------------------------------------- widgets
@@ -212,6 +228,32 @@ def test_button_click_without_a_browser(app):
     app.instruction.value = "   "  # bad input: a message to fix it, not a crash
     app.button.click()
     assert "instruction" in app.scores.value and "empty" in app.scores.value
+
+
+def test_button_passes_the_chosen_model_and_steps_and_shows_the_judge(app):
+    calls = []
+
+    def darken(source, instruction, steps):  # records what the callback passed
+        calls.append(("darken", instruction, steps))
+        return (source // (steps + 1)).astype(np.uint8)
+
+    app.editors["darken"] = darken
+    app.model.options = list(app.editors)
+    app.image_choice.value = "light"
+    app.instruction.value = "invert the picture"
+    app.model.value = "darken"
+    app.steps.value = 3
+    app.button.click()
+    assert calls == [("darken", "invert the picture", 3)]
+    assert np.array_equal(app.last_edited, _image(200) // 4)
+    assert app.last_scores == {"followed": 1.0, "changed": float(np.mean(_image(200) != _image(200) // 4))}
+    assert "<b>darken</b>, 3 steps" in app.scores.value and f"{app.last_scores['changed']:.3f}" in app.scores.value
+
+    app.model.value = "identity"  # another model on the same image: nothing changes, the judge says so
+    app.steps.value = 9
+    app.button.click()
+    assert len(calls) == 1 and np.array_equal(app.last_edited, _image(200))
+    assert app.last_scores["changed"] == 0.0 and "<b>identity</b>, 9 steps" in app.scores.value
 
 
 def test_uploaded_png_goes_through_the_loader(app, monkeypatch):

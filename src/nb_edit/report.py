@@ -1,8 +1,10 @@
 """The run report: ``papermill_runs/<run_id>/report.md``.
 
-It lists every metric of the run's ``metrics.json`` (grouped by their first name part, with
-the seed-study ``.sd``/``.n`` folded into the mean's row) and shows every figure the notebooks
-saved under ``figures/``.
+It opens with the paper-claims table (``claims.evaluate_claims`` on the run's metrics: each
+claim's quantities with their intervals over seeds and whether it reproduces), then lists every
+metric of the run's ``metrics.json`` (grouped by their first name part, with the seed-study
+``.sd``/``.n`` and the bootstrap ``.ci_low``/``.ci_high`` of notebook 08 folded into the mean's
+row) and shows every figure the notebooks saved under ``figures/``.
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from .claims import claims_markdown, evaluate_claims
 from .runs import Run, read_metrics
+
+FOLDED = (".sd", ".n", ".ci_low", ".ci_high")  # suffixes shown in the row of the key they qualify
 
 
 def _format(value: float) -> str:
@@ -21,10 +26,11 @@ def _format(value: float) -> str:
 
 
 def metrics_table(metrics: dict[str, float]) -> str:
-    """Markdown tables of the metrics, one per group, ``mean ± sd (n)`` where a seed study ran."""
+    """Markdown tables of the metrics, one per group, ``mean ± sd (n)`` where a seed study ran and
+    ``mean [low, high]`` where a bootstrap interval over items was recorded."""
     groups: dict[str, list[str]] = defaultdict(list)
     for key in sorted(metrics):
-        if key.endswith(".sd") or key.endswith(".n"):
+        if key.endswith(FOLDED):
             base = key.rsplit(".", 1)[0]
             if base in metrics:
                 continue
@@ -36,6 +42,8 @@ def metrics_table(metrics: dict[str, float]) -> str:
             cell = _format(metrics[key])
             if f"{key}.sd" in metrics and f"{key}.n" in metrics:
                 cell += f" ± {_format(metrics[key + '.sd'])} (n={_format(metrics[key + '.n'])})"
+            if f"{key}.ci_low" in metrics and f"{key}.ci_high" in metrics:
+                cell += f" [{_format(metrics[key + '.ci_low'])}, {_format(metrics[key + '.ci_high'])}]"
             lines.append(f"| `{key}` | {cell} |")
         lines.append("")
     return "\n".join(lines)
@@ -46,9 +54,10 @@ def write_report(run: Run, title: str | None = None) -> Path:
     config_path = run.dir / "config.json"
     config = json.loads(config_path.read_text()) if config_path.exists() else {}
     lines = [f"# {title or 'nb-edit run ' + run.run_id}", ""]
+    lines += ["## Paper claims", "", claims_markdown(evaluate_claims(metrics)), ""]
     if config:
         settings = ", ".join(f"{k}={v}" for k, v in sorted(config.get("parameters", {}).items()))
-        lines += [f"Parameters: {settings or '(defaults)'}", ""]
+        lines += ["## Run", "", f"Parameters: {settings or '(defaults)'}", ""]
         if "timings_s" in config:
             lines += ["Notebook wall times (s): " + ", ".join(
                 f"{name} {sec:.0f}" for name, sec in config["timings_s"].items()), ""]

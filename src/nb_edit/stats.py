@@ -11,6 +11,8 @@ an interval of the difference, not about two point estimates.
   ``mean +- t_{(1+ci)/2, n-1} * s / sqrt(n)``, the right tool for 2-5 seeds where a bootstrap of so
   few values is meaningless. A single seed gives a zero-width interval that is *flagged*
   (``Interval.n == 1``, ``Interval.degenerate``, and a :class:`SingleSeedWarning`).
+  :func:`mean_ci_from_summary` is the same interval from a stored ``(mean, sd, n)``, the form a
+  seed study leaves in ``metrics.json`` (``runs.seed_summary``).
 - :func:`spearman`: rank correlation between a reward and the oracle (how well a VLM judge ranks
   edits), through ``scipy.stats.spearmanr``.
 - :func:`paired_bootstrap_diff`: both methods scored on the *same* items; resampling item indices
@@ -28,8 +30,8 @@ from scipy import stats as scipy_stats
 
 from nb_edit.validation import BadInputError
 
-__all__ = ["Interval", "PairedDiff", "SingleSeedWarning", "bootstrap_ci", "mean_ci_over_seeds",
-           "paired_bootstrap_diff", "spearman"]
+__all__ = ["Interval", "PairedDiff", "SingleSeedWarning", "bootstrap_ci", "mean_ci_from_summary",
+           "mean_ci_over_seeds", "paired_bootstrap_diff", "spearman"]
 
 
 class SingleSeedWarning(UserWarning):
@@ -136,6 +138,27 @@ def bootstrap_ci(values, n_boot: int = 1000, ci: float = 0.95, seed: int = 0,
     return Interval(float(stat(sample)), low, high, sample.size, "bootstrap")
 
 
+def mean_ci_from_summary(mean: float, sd: float, n: int, ci: float = 0.95) -> Interval:
+    """Student-t interval ``mean +- t_{(1+ci)/2, n-1} * sd / sqrt(n)`` from summary figures.
+
+    ``sd`` is the sample standard deviation (``ddof=1``) of ``n`` per-seed values, as
+    ``runs.seed_summary`` stores it. ``n == 1`` gives the flagged zero-width interval (no warning
+    here: the caller says "1 seed" where it shows it).
+    """
+    _check_level(ci)
+    checked = _sample([mean, sd, n], "mean, sd, n")
+    mean, sd = float(checked[0]), float(checked[1])
+    if checked[2] < 1 or not float(checked[2]).is_integer() or sd < 0:
+        raise BadInputError(f"(mean={mean}, sd={sd}, n={checked[2]:g})", "n must be a whole number >= 1 "
+                            "and sd >= 0", "pass the figures runs.seed_summary stores (<key>, <key>.sd, <key>.n)")
+    n = int(checked[2])
+    if n == 1:
+        return Interval(mean, mean, mean, 1, "t")
+    standard_error = sd / np.sqrt(n)
+    t_quantile = scipy_stats.t.ppf((1.0 + ci) / 2.0, df=n - 1)  # two-sided, n-1 degrees of freedom
+    return Interval(mean, mean - t_quantile * standard_error, mean + t_quantile * standard_error, n, "t")
+
+
 def mean_ci_over_seeds(values, ci: float = 0.95) -> Interval:
     """Student-t interval of the mean of per-seed figures (meant for 2-5 seeds).
 
@@ -144,15 +167,12 @@ def mean_ci_over_seeds(values, ci: float = 0.95) -> Interval:
     """
     sample = _sample(values, "values (one figure per seed)")
     _check_level(ci)
-    n, mean = sample.size, float(sample.mean())
-    if n == 1:
+    if sample.size == 1:
         warnings.warn("mean_ci_over_seeds got a single seed: the interval has width 0 and no "
                       "meaning; run more seeds before claiming a difference", SingleSeedWarning,
                       stacklevel=2)
-        return Interval(mean, mean, mean, 1, "t")
-    standard_error = sample.std(ddof=1) / np.sqrt(n)
-    t_quantile = scipy_stats.t.ppf((1.0 + ci) / 2.0, df=n - 1)  # two-sided, n-1 degrees of freedom
-    return Interval(mean, mean - t_quantile * standard_error, mean + t_quantile * standard_error, n, "t")
+        return mean_ci_from_summary(float(sample[0]), 0.0, 1, ci)
+    return mean_ci_from_summary(float(sample.mean()), float(sample.std(ddof=1)), sample.size, ci)
 
 
 def spearman(a, b) -> float:

@@ -64,11 +64,13 @@ def _bare(ax) -> None:
 
 def image_grid(rows: Sequence[Sequence[np.ndarray | None]], row_labels: Sequence[str] | None = None,
                col_labels: Sequence[str] | None = None, scale: int = 4,
-               title: str | None = None) -> InlineFigure:
+               title: str | None = None, row_label_rotation: float = 90.0) -> InlineFigure:
     """A grid of uint8 (H, W, 3) images, one axes per cell (``len(rows) * longest row``).
 
     Rows may be ragged, and a cell may be None: such cells stay blank. ``scale`` is the integer
     nearest-neighbour upscaling factor, which also sets the printed size (``H * scale`` pixels).
+    ``row_label_rotation=0`` writes the row labels across, left of the row: long labels (method
+    names) then never run into the next row.
     """
     # A row is a list of images or a (N, H, W, 3) batch; a bare (H, W, 3) image is not a row.
     if isinstance(rows, np.ndarray) or not isinstance(rows, Sequence) or len(rows) == 0 or not all(
@@ -93,8 +95,11 @@ def image_grid(rows: Sequence[Sequence[np.ndarray | None]], row_labels: Sequence
         raise BadInputError("rows", "every cell is None", "put at least one image in the grid")
     cell_h = max(image.shape[0] for image in present) * scale / DPI
     cell_w = max(image.shape[1] for image in present) * scale / DPI
-    # Room for labels and titles around the images, in inches.
-    figure = InlineFigure(figsize=(n_cols * cell_w + (0.4 if row_labels else 0.1),
+    # Room for labels and titles around the images, in inches (labels across: ~0.065 in a character).
+    label_room = 0.4 if row_labels else 0.1
+    if row_labels and row_label_rotation == 0:
+        label_room = 0.15 + 0.065 * max(len(str(label)) for label in row_labels)
+    figure = InlineFigure(figsize=(n_cols * cell_w + label_room,
                                    n_rows * cell_h + (0.3 if col_labels else 0.1) + (0.3 if title else 0)),
                           layout="constrained")
     axes = figure.subplots(n_rows, n_cols, squeeze=False)
@@ -106,7 +111,8 @@ def image_grid(rows: Sequence[Sequence[np.ndarray | None]], row_labels: Sequence
             if image is not None:
                 ax.imshow(_upscale(image, scale), interpolation="nearest")
             if row_labels is not None and c == 0:
-                ax.set_ylabel(str(row_labels[r]), fontsize=8)
+                across = {"ha": "right", "va": "center"} if row_label_rotation == 0 else {}
+                ax.set_ylabel(str(row_labels[r]), fontsize=8, rotation=row_label_rotation, **across)
             if col_labels is not None and r == 0:
                 ax.set_title(str(col_labels[c]), fontsize=8)
     if title:
@@ -115,7 +121,7 @@ def image_grid(rows: Sequence[Sequence[np.ndarray | None]], row_labels: Sequence
 
 
 def chain_figure(chains: Sequence[Sequence[np.ndarray]], titles: Sequence[str] | None = None,
-                 scale: int = 4) -> InlineFigure:
+                 scale: int = 4, row_label_rotation: float = 90.0) -> InlineFigure:
     """Multi-turn chains, one per row: ``[source, after turn 1, after turn 2, ...]``.
 
     ``titles`` label the rows (e.g. the instructions, or the method); columns read source, turn 1...
@@ -124,7 +130,8 @@ def chain_figure(chains: Sequence[Sequence[np.ndarray]], titles: Sequence[str] |
         raise BadInputError("chains", "is empty", "pass at least one chain [source, turn1, ...]")
     longest = max(len(chain) for chain in chains)
     col_labels = ["source"] + [f"turn {k}" for k in range(1, longest)]
-    return image_grid(chains, row_labels=titles, col_labels=col_labels, scale=scale)
+    return image_grid(chains, row_labels=titles, col_labels=col_labels, scale=scale,
+                      row_label_rotation=row_label_rotation)
 
 
 def _series(history: Mapping[str, Sequence[float]] | Sequence[Mapping[str, float]],
@@ -244,7 +251,8 @@ def success_over_turns(success: Mapping[str, Sequence[float]],
     """
     if not success:
         raise BadInputError("success", "is empty", "pass {method name: [turn-1 success, turn-2 ...]}")
-    figure = InlineFigure(figsize=(4.6, 3.0), layout="constrained")
+    outside = len(success) > 4  # many methods: the legend goes right of the axes, not over the lines
+    figure = InlineFigure(figsize=(4.6 + (1.8 if outside else 0.0), 3.0), layout="constrained")
     ax = figure.subplots()
     longest = 0
     for name, values in success.items():
@@ -263,7 +271,7 @@ def success_over_turns(success: Mapping[str, Sequence[float]],
     ax.set_ylabel("turn-k success")
     ax.set_ylim(0.0, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, **({"loc": "upper left", "bbox_to_anchor": (1.02, 1.0)} if outside else {}))
     if title:
         ax.set_title(title, fontsize=10)
     return figure

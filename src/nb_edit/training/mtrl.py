@@ -48,7 +48,7 @@ from torch import Tensor
 
 from nb_edit import paths, world
 from nb_edit.config import StageConfig
-from nb_edit.evaluation import run_editor
+from nb_edit.evaluation import multiturn_outcomes, multiturn_summary
 from nb_edit.images import to_tensor, to_uint8
 from nb_edit.models.loaders import load_autoencoder, load_editor, load_text_encoder
 from nb_edit.models.lora import (active_adapter, adapters_disabled, attach_lora, load_lora_state_dict,
@@ -537,32 +537,4 @@ def evaluate_multiturn(pipeline, sequences, cfg_world: world.WorldConfig | None 
     """
     cfg_world = cfg_world or world.WorldConfig()
     seqs = sequences if isinstance(sequences, list) else sequences_from(sequences, n_turns, cfg_world)
-    n_turns = n_turns or min(len(s.instructions) for s in seqs)
-    if any(s.edits is None for s in seqs):
-        raise ValueError("evaluate_multiturn needs the true edits of every turn (ShapesWorld records with edit_json).")
-    inputs = np.stack([s.source for s in seqs])
-    success = np.zeros((len(seqs), n_turns), bool)
-    followed, preserved, untouched_l1 = np.zeros_like(success), np.zeros_like(success), []
-    for turn in range(n_turns):
-        outputs = run_editor(pipeline, inputs, [s.instructions[turn] for s in seqs], steps=steps,
-                             seed=seed + 7919 * turn, desc=f"turn {turn + 1}")
-        for i, (seq, before, after) in enumerate(zip(seqs, inputs, outputs)):
-            verdict = world.judge(before, seq.edits[turn], after, cfg_world)
-            success[i, turn], followed[i, turn] = verdict.success, verdict.followed
-            preserved[i, turn] = verdict.preserved
-            untouched = ~seq.edits[turn].region
-            if untouched.any():  # a global edit (style) leaves no untouched pixel
-                diff = np.abs(after.astype(np.float32) - before.astype(np.float32)) / 127.5
-                untouched_l1.append(float(diff[untouched].mean()))
-        inputs = outputs  # the next turn edits this turn's own output
-    so_far = np.cumprod(success, axis=1).astype(bool)
-    result: dict[str, float] = {"n_sequences": float(len(seqs)), "consistency": float(preserved.mean()),
-                                "consistency_l1": float(np.mean(untouched_l1)) if untouched_l1 else float("nan"),
-                                "followed": float(followed.mean())}
-    for k in range(n_turns):
-        result[f"turn{k + 1}_success"] = float(so_far[:, k].mean())
-        result[f"turn{k + 1}_task_success"] = float(success[:, k].mean())
-        if k:
-            before = so_far[:, k - 1].sum()
-            result[f"marginal_success_turn{k + 1}"] = float(so_far[:, k].sum() / before) if before else float("nan")
-    return result
+    return multiturn_summary(multiturn_outcomes(pipeline, seqs, cfg_world, steps=steps, seed=seed, n_turns=n_turns))

@@ -10,6 +10,7 @@ from transformers import PreTrainedTokenizerFast
 from nb_edit.models.autoencoders import KLAutoencoder, PixelAutoencoder
 from nb_edit.models.editors import DiTEditor, UNetEditor, build_editor, editor_from_teacher
 from nb_edit.models.loaders import (load_autoencoder, load_editor, load_teacher, load_text_encoder,
+                                    resolve_backbone,
                                     save_components)
 from nb_edit.models.lora import (active_adapter, adapter_names, adapters_disabled, attach_lora,
                                  load_lora_state_dict, lora_parameters, lora_state_dict)
@@ -308,6 +309,8 @@ def test_save_and_load_by_path(backbone, text_encoder, text, tmp_path):
 
     loaded_editor = load_editor(editor_dir, backbone)
     loaded_teacher = load_teacher(teacher_dir, backbone)
+    assert resolve_backbone(editor_dir) == resolve_backbone(teacher_dir) == backbone  # "auto" reads the folder
+    assert type(load_editor(editor_dir)) is type(editor)
     assert type(loaded_editor) is type(editor) and not any(p.requires_grad for p in loaded_teacher.parameters())
     x_t, t, source = _inputs()
     with torch.no_grad():
@@ -321,6 +324,15 @@ def test_save_and_load_by_path(backbone, text_encoder, text, tmp_path):
     if backbone == "unet":
         with pytest.raises(ValueError, match="text-to-image UNet"):
             load_teacher(editor_dir, "unet")
+
+
+def test_backbone_auto_names_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="make pretrain"):
+        resolve_backbone(tmp_path / "no" / "such" / "folder")
+    with pytest.raises(ValueError, match="neither"):
+        resolve_backbone(tmp_path)  # a folder with no unet/ or transformer/
+    with pytest.raises(ValueError, match="unknown"):
+        resolve_backbone(tmp_path, "vit")
 
 
 def test_load_kl_autoencoder_and_latent_dit_by_path(tmp_path):

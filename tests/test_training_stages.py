@@ -19,12 +19,13 @@ def data(smoke_data):
 
 def test_pretrain_writes_every_part_in_hub_layout(pretrained):
     from nb_edit.models.judge import VLMJudge
-    from nb_edit.training.pretrain import load_pipeline
+    from nb_edit.training.pretrain import PretrainConfig, load_pipeline
 
     for part in ("teacher", "clean", "noisy", "judge"):
         made = json.loads((pretrained / part / "made_by.json").read_text())
         assert made["command"] == "make pretrain" and made["steps"] > 0
-    assert (pretrained / "teacher" / "transformer" / "diffusion_pytorch_model.safetensors").exists()
+    backbone = {"unet": "unet", "dit": "transformer"}[PretrainConfig().backbone]
+    assert (pretrained / "teacher" / backbone / "diffusion_pytorch_model.safetensors").exists()
     pipe = load_pipeline(pretrained / "clean")
     out = pipe.edit(np.zeros((2, 32, 32, 3), np.uint8), ["do nothing", "make the red circle blue"], steps=2)
     assert out.shape == (2, 32, 32, 3)
@@ -47,11 +48,36 @@ def test_npedit_trains_without_targets(pretrained, data, tmp_path, variant):
     cfg = NPEditConfig.for_profile("smoke", variant=variant, teacher_id=str(pretrained / "teacher"),
                                    judge_id=str(pretrained / "judge"))
     pipe, history = train_npedit(cfg, data["unpaired"], tmp_path / "ckpt")
-    assert len(history) == cfg.steps
+    assert len(history) == cfg.copy_warmup_steps + cfg.steps
     last = history[-1]
     assert {"loss_vlm", "grad_vlm", "curve_oracle_success", "curve_judge_yes"} <= set(last)
     assert ("loss_dmd" in last) == (variant == "full")
     assert all(h["skipped"] == 0 for h in history)
+
+
+def test_npedit_copy_warmup_comes_first_and_reads_sources_only(pretrained, data, tmp_path):
+    from nb_edit.training.npedit import NPEditConfig, train_npedit
+
+    from nb_edit.training.npedit import NPEditTrainer, warmup_key
+
+    cfg = NPEditConfig.for_profile("smoke", teacher_id=str(pretrained / "teacher"), judge_id=str(pretrained / "judge"),
+                                   copy_warmup_steps=2, steps=1)
+    _, history = train_npedit(cfg, data["unpaired"], tmp_path / "ckpt")  # unpaired data: no target exists
+    assert len(history) == 3
+    assert all("loss_copy" in h and "loss_vlm" not in h for h in history[:2])
+    assert "loss_vlm" in history[2] and "loss_copy" not in history[2] and history[2]["step"] == 2
+
+    # the ablations share one warm-up: a second variant resumes it instead of training it again
+    other = cfg.replace(variant="vlm_only")
+    assert warmup_key(other) == warmup_key(cfg)
+    shared = tmp_path / "warmup"
+    first = NPEditTrainer(cfg, data["unpaired"]).fit(tmp_path / "a", progress=False, warmup_dir=shared)
+    trainer, calls = NPEditTrainer(other, data["unpaired"]), []
+    copy_step = trainer.copy_step
+    trainer.copy_step = lambda batch, step: calls.append(step) or copy_step(batch, step)
+    second = trainer.fit(tmp_path / "b", progress=False, warmup_dir=shared)
+    assert calls == [] and [h["loss_copy"] for h in second[:2]] == [h["loss_copy"] for h in first[:2]]
+    assert "loss_vlm" in second[2] and "loss_dmd" not in second[2]  # its own main stage (VLM only)
 
 
 def test_npedit_refuses_paired_data(pretrained, data, tmp_path):

@@ -53,10 +53,9 @@ from torch import nn
 
 from nb_edit import paths, questions, world
 from nb_edit.images import to_tensor
-from nb_edit.models.editors import build_editor
+from nb_edit.models.editors import editing_base
 from nb_edit.models.loaders import load_editor, save_components
 from nb_edit.models.lora import lora_parameters
-from nb_edit.models.tiny_configs import tiny_flux_config
 from nb_edit.training.loop import LoopConfig, make_optimizer
 from nb_edit.training.npedit import NPEditConfig, NPEditTrainer
 from nb_edit.validation import SkipCounter
@@ -167,15 +166,16 @@ def device_info(device: torch.device) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------------ stand-ins
 def make_random_standins(root: Path, seed: int = 0) -> dict[str, Path]:
-    """A random teacher (DiT + text encoder) and judge at the tiny profile's sizes, in the hub layout."""
+    """A random teacher (the tiny profile's backbone + text encoder) and judge at the tiny profile's sizes,
+    in the hub layout."""
     from nb_edit.models.judge import VLMJudge
     from nb_edit.models.text import build_tiny_text_encoder
-    from nb_edit.training.pretrain import world_tokenizer
+    from nb_edit.training.pretrain import PretrainConfig, build_teacher, world_tokenizer
     from nb_edit.training.pretrain_judge import JudgeConfig, judge_tokenizer
 
     wcfg = world.WorldConfig()
     torch.manual_seed(seed)
-    teacher = build_editor("dit", tiny_flux_config())
+    teacher = build_teacher(PretrainConfig().backbone, wcfg.resolution)
     save_components(root / "teacher", editor=teacher, text_encoder=build_tiny_text_encoder(world_tokenizer(wcfg)))
     sizes = JudgeConfig()  # the tiny profile's judge (not for_profile: the smoke override must not shrink it)
     judge = VLMJudge.tiny(sizes.family, judge_tokenizer(wcfg), image_size=wcfg.resolution, seed=seed,
@@ -239,7 +239,7 @@ class FullCopiesNPEditTrainer(NPEditTrainer):
     def __init__(self, cfg: NPEditConfig, dataset, device: torch.device | None = None):
         super().__init__(cfg, dataset, device)
         teacher = Path(cfg.teacher_id) if cfg.teacher_id else paths.pretrained_dir() / "teacher"  # as the parent
-        copies = {role: load_editor(teacher, cfg.backbone).to(self.device)
+        copies = {role: editing_base(load_editor(teacher, cfg.backbone)).to(self.device)
                   for role in ("teacher", "generator", "fake")}
         copies["teacher"].requires_grad_(False)
         self.model = self.pipe.model = _Roles(**copies)  # the parent's LoRA-carrying base is dropped

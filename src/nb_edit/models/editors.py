@@ -266,6 +266,15 @@ def build_editor(backbone: str, config: dict, latent_channels: int = 3) -> Edito
     raise ValueError(f"backbone={backbone!r} is unknown; use 'unet' or 'dit'.")
 
 
+def editing_base(model: Editor) -> Editor:
+    """A model that can take a reference: ``model`` itself, or a text-to-image UNet widened by
+    :func:`editor_from_teacher`. NP-Edit's shared base (generator, teacher, fake score) is this:
+    with adapters disabled and no reference it is exactly the teacher."""
+    if isinstance(model, UNetEditor) and not model.takes_reference:
+        return editor_from_teacher(model)
+    return model
+
+
 def editor_from_teacher(teacher: Editor) -> Editor:
     """An editor initialised from a teacher's weights.
 

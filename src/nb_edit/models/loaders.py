@@ -29,6 +29,7 @@ from nb_edit.models.editors import FLUX_DEFAULT_GUIDANCE, DiTEditor, Editor, UNe
 from nb_edit.models.text import TextEncoder
 
 BACKBONE_SUBFOLDER = {"unet": "unet", "dit": "transformer"}
+BACKBONES = ("auto", *BACKBONE_SUBFOLDER)
 QUANTIZATIONS = (None, "8bit", "4bit")
 
 
@@ -44,6 +45,27 @@ def _read_json(model_id: str | Path, filename: str) -> dict | None:
         return json.loads(Path(hf_hub_download(str(model_id), filename)).read_text())
     except RemoteEntryNotFoundError:  # the repo answered: no such file (offline misses still raise)
         return None
+
+
+def resolve_backbone(model_id: str | Path, backbone: str = "auto") -> str:
+    """``backbone``, or with ``"auto"`` the one ``model_id`` holds: ``unet/`` or ``transformer/``.
+
+    Reads only ``<subfolder>/config.json`` (locally, or from the hub cache / the hub).
+    """
+    if backbone not in BACKBONES:
+        raise ValueError(f"backbone={backbone!r} is unknown; use 'unet' (InstructPix2Pix), 'dit' (FLUX.1-Kontext) "
+                         "or 'auto' (whichever the folder holds).")
+    text = str(model_id)
+    if not Path(model_id).is_dir() and (text.startswith((".", "/", "~")) or text.count("/") > 1):
+        raise FileNotFoundError(f"{model_id}: no such model folder (a hub id is 'owner/name'); check the path, "
+                                "or run `make pretrain` to make the shipped stand-ins in data/pretrained/.")
+    if backbone != "auto":
+        return backbone
+    found = [name for name, sub in BACKBONE_SUBFOLDER.items() if _read_json(model_id, f"{sub}/config.json")]
+    if len(found) != 1:
+        raise ValueError(f"{model_id}: backbone='auto' needs exactly one of unet/ or transformer/ with a config.json; "
+                         f"found {found or 'neither'}. Pass backbone='unet' or 'dit'.")
+    return found[0]
 
 
 def _quantization_config(quantization: str | None, dtype: torch.dtype | None, library: str):
@@ -92,16 +114,17 @@ def _latent_channels(model_id) -> int:
     return PixelAutoencoder.latent_channels if vae_config is None else vae_config["latent_channels"]
 
 
-def load_editor(model_id: str | Path, backbone: str, quantization: str | None = None,
+def load_editor(model_id: str | Path, backbone: str = "auto", quantization: str | None = None,
                 dtype: torch.dtype | None = None, device: str | torch.device | None = None,
                 latent_channels: int | None = None, guidance: float = FLUX_DEFAULT_GUIDANCE) -> Editor:
     """The editing backbone of ``model_id`` (``unet/`` or ``transformer/``) behind the Editor interface.
 
+    ``backbone="auto"`` takes whichever of the two the repo holds (see :func:`resolve_backbone`).
+
     ``latent_channels`` (DiT only) defaults to the repo's ``vae/config.json`` (3 without a VAE).
     A UNet repo whose ``scheduler/`` is a DDPM-family epsilon schedule is converted to velocity.
     """
-    if backbone not in BACKBONE_SUBFOLDER:
-        raise ValueError(f"backbone={backbone!r} is unknown; use 'unet' (InstructPix2Pix) or 'dit' (FLUX.1-Kontext).")
+    backbone = resolve_backbone(model_id, backbone)
     if backbone == "unet":
         unet = _load(UNet2DConditionModel, model_id, "unet", quantization, dtype, device)
         return UNetEditor(unet, alphas_cumprod=_ddpm_alphas_cumprod(model_id))
@@ -109,7 +132,7 @@ def load_editor(model_id: str | Path, backbone: str, quantization: str | None = 
     return DiTEditor(transformer, latent_channels or _latent_channels(model_id), guidance=guidance)
 
 
-def load_teacher(model_id: str | Path, backbone: str, quantization: str | None = None,
+def load_teacher(model_id: str | Path, backbone: str = "auto", quantization: str | None = None,
                  dtype: torch.dtype | None = None, device: str | torch.device | None = None,
                  latent_channels: int | None = None, guidance: float = FLUX_DEFAULT_GUIDANCE) -> Editor:
     """The frozen text-to-image teacher: a UNet without reference channels (e.g. SD 1.5), or the

@@ -4,7 +4,8 @@ Each function returns a fresh plain dict that the diffusers / transformers class
 config (``UNet2DConditionModel.from_config(d)``, ``CLIPTextConfig(**d)``), so a notebook can
 override any field before building. Sizes follow the measurements in the project's CPU budget
 notes: token count dominates the transformer's cost, so the DiT patchifies 32 px pixels with
-patch 4 (64 target tokens, 128 with the reference tokens); the UNet uses two blocks (32, 64).
+patch 4 (64 target tokens, 128 with the reference tokens); the UNet uses three small levels
+(16, 32, 32) and is the tiny profile's default backbone.
 
 Shared dimensions: the tiny text encoder's hidden size is both the UNet's ``cross_attention_dim``
 and the DiT's ``joint_attention_dim``/``pooled_projection_dim`` (a CLIP pooled output has the
@@ -46,21 +47,25 @@ def tiny_clip_text_config(vocab_size: int, eos_token_id: int, pad_token_id: int,
 
 def tiny_unet_config(latent_channels: int = TINY_PIXEL_CHANNELS, with_reference: bool = True,
                      **overrides) -> dict:
-    """``UNet2DConditionModel`` fields: blocks (32, 64), one cross-attention level, 1 M params.
+    """``UNet2DConditionModel`` fields: blocks (16, 32, 32), cross-attention on the two lower levels.
 
     ``with_reference`` doubles ``in_channels`` for InstructPix2Pix-style channel concatenation
-    (editor); without it the UNet is a text-to-image teacher.
+    (editor); without it the UNet is a text-to-image teacher. 0.43 M parameters; trained from
+    scratch on ShapesWorld pairs for 10 minutes on one CPU thread (batch 32), it edited better
+    than the DiT of :func:`tiny_flux_config` given the same time (oracle success 0.073 against
+    0.016, preserved 0.27 against 0.14): the reference sits on the same pixel as the output, so
+    copying what must be preserved is local work for a convolution.
     """
     config = dict(
         sample_size=32,
         in_channels=2 * latent_channels if with_reference else latent_channels,
         out_channels=latent_channels,
-        block_out_channels=(32, 64),
+        block_out_channels=(16, 32, 32),
         layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=TINY_TEXT_DIM,
-        attention_head_dim=4,  # diffusers reads this as the number of heads (4 x 16 at 64 ch)
+        attention_head_dim=2,  # diffusers reads this as the number of heads (2 x 16 at 32 ch)
         norm_num_groups=8,
     )
     config.update(overrides)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -300,6 +301,7 @@ def train(step_fn: StepFn, modules: dict[str, torch.nn.Module], *, config: LoopC
     bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not progress or not is_main_process(),
                dynamic_ncols=True)
     for step in range(start, cfg.steps):
+        tick = time.perf_counter()
         batch = next(sampler) if sampler is not None else batch_fn(step)
         for opt in optimizers.values():
             opt.zero_grad(set_to_none=True)
@@ -345,7 +347,8 @@ def train(step_fn: StepFn, modules: dict[str, torch.nn.Module], *, config: LoopC
         if unscaled:  # GradScaler.update needs the inf checks that unscale_ records
             scaler.update()
         record.update(skipped=float(not finite), nonfinite_total=float(nonfinite_total),
-                      lr=float(next(iter(schedulers.values())).get_last_lr()[0]))
+                      lr=float(next(iter(schedulers.values())).get_last_lr()[0]),
+                      step_s=time.perf_counter() - tick)  # wall time of this step, batch included
         history.append(record)
         if log_fn is not None:
             log_fn(step, record)

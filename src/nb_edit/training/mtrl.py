@@ -80,7 +80,7 @@ class MTRLConfig(StageConfig):
     scoring: str = "multi"  # single | multi (CC against the sequence's original source)
     policy_id: str = ""  # "" = the shipped supervised clean-pair editor data/pretrained/clean
     judge_id: str = ""  # "" = data/pretrained/judge
-    backbone: str = "dit"
+    backbone: str = "auto"  # "auto" (what the model folder holds) | "unet" | "dit"
     n_turns: int = 3
     group_size: int = 4  # G trajectories per sequence
     groups_per_step: int = 2  # sequences per rollout

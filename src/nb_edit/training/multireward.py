@@ -44,7 +44,7 @@ VARIANTS = ("reward", "noreward")
 @dataclasses.dataclass
 class MultiRewardConfig(StageConfig):
     variant: str = "reward"  # reward | noreward (the same training without the condition)
-    backbone: str = "dit"
+    backbone: str = "auto"  # "auto" (what the model folder holds) | "unet" | "dit"
     editor_id: str = ""  # "" = the shipped noisy-pair editor data/pretrained/noisy; any folder or hub id
     steps: int = 400
     batch_size: int = 16

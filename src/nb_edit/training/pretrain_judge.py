@@ -52,14 +52,14 @@ class JudgeConfig(StageConfig):
     hidden: int = 96
     perception_steps: int = 300
     align_steps: int = 500
-    qa_steps: int = 3000
+    qa_steps: int = 5000
     batch_size: int = 64
     lr: float = 1e-3
     qa_lr: float = 5e-4
     vision_lr_scale: float = 0.1
     aux_weight: float = 1.0  # dense per-patch "changed" target in stage 3
     align_mix: float = 0.5  # weight of the stage-2 loss kept in stage 3
-    pool_size: int = 12000
+    pool_size: int = 20000
     eval_size: int = 1000
     presence_share: float = 0.15  # share of single-image presence questions
     num_threads: int = 2

@@ -113,3 +113,16 @@ def test_npedit_skips_and_counts_an_unreadable_source(data, tmp_path):
     assert len(records) == len(sources) == len(dataset) - n_broken
     assert dataset.counter.reasons["unreadable_source"] == n_broken
     assert dataset.metrics("data.unpaired")["data.unpaired.skipped"] == n_broken
+
+
+def test_remade_part_replaces_the_old_one_whole(tmp_path):
+    from nb_edit.models.loaders import resolve_backbone
+    from nb_edit.training import pretrain_all
+
+    stale = tmp_path / "teacher" / "transformer"  # what a part made with another backbone left
+    stale.mkdir(parents=True)
+    (stale / "config.json").write_text("{}")
+    pretrain_all.run(parts=["teacher"], profile="smoke", root=tmp_path, force=True)
+    assert not stale.exists() and (tmp_path / "teacher" / "made_by.json").exists()
+    assert resolve_backbone(tmp_path / "teacher") in ("unet", "dit")
+    assert not list(tmp_path.glob(".*.partial"))

@@ -52,7 +52,12 @@ def run(parts: list[str] | None = None, profile: str = "tiny", force: bool = Fal
         if is_complete(out) and not force:
             print(f"pretrain: {name} already made ({out}); --force remakes it")
             continue
-        out.mkdir(parents=True, exist_ok=True)
+        # built in a staging folder that replaces ``out`` only when complete: a remade part never
+        # mixes old and new files (say a DiT's transformer/ beside a UNet's unet/), and an
+        # interrupted remake leaves the previous part in place
+        staging = out.parent / f".{name}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
         print(f"pretrain: {name} -> {out}", flush=True)
         if name == "judge":
             from nb_edit.training import pretrain_judge
@@ -70,11 +75,13 @@ def run(parts: list[str] | None = None, profile: str = "tiny", force: bool = Fal
                              "run `make pretrain` (or --only teacher) first.")
         with torch_threads(cfg.num_threads):
             if name == "judge":
-                summary = pretrain_judge.train_judge(cfg, out, ckpt)
+                summary = pretrain_judge.train_judge(cfg, staging, ckpt)
             elif name == "teacher":
-                summary = pretrain.train_teacher(cfg, out, ckpt)
+                summary = pretrain.train_teacher(cfg, staging, ckpt)
             else:
-                summary = pretrain.train_supervised_editor(cfg, teacher, out, ckpt, noisy=(name == "noisy"))
-        pretrain.write_made_by(out, name, cfg, summary)
+                summary = pretrain.train_supervised_editor(cfg, teacher, staging, ckpt, noisy=(name == "noisy"))
+        pretrain.write_made_by(staging, name, cfg, summary)
+        shutil.rmtree(out, ignore_errors=True)
+        staging.rename(out)
         _record(root, name, summary)
         print(f"pretrain: {name} done in {summary['wall_s']:.0f} s, final loss {summary['final_loss']:.4f}")

@@ -116,7 +116,8 @@ def pair_batch(cfg: PretrainConfig, step: int, noisy: bool) -> tuple[torch.Tenso
     for _ in range(cfg.batch_size):
         edit = random_edit(world.sample_scene(rng, wcfg), rng, wcfg)
         sources.append(world.render(edit.source, wcfg))
-        targets.append(world.noisy_target(edit, rng, wcfg).image if noisy else world.render(edit.target, wcfg))
+        targets.append(world.noisy_target(edit, rng, wcfg, with_verdict=False).image if noisy
+                       else world.render(edit.target, wcfg))
         instructions.append(NULL_TEXT if rng.random() < cfg.text_dropout else edit.instruction)
     return to_tensor(np.stack(sources)), to_tensor(np.stack(targets)), instructions
 

@@ -28,9 +28,9 @@ PARTIAL_STRENGTH = 0.3  # a partial edit carries out this share of the change
 class NoisyTarget:
     image: np.ndarray
     corruption: str
-    followed: bool
-    preserved: bool
-    quality: float
+    followed: bool | None  # None: not judged (``noisy_target(..., with_verdict=False)``)
+    preserved: bool | None
+    quality: float | None
 
 
 def degrade(image: np.ndarray, rng: np.random.Generator, noise_std: float = 0.03, blur_sigma: float = 0.5) -> np.ndarray:
@@ -124,9 +124,11 @@ _MAKERS = {"clean": lambda e, r, c: render(e.target, c), "wrong_edit": _wrong_ed
            "artifacts": _artifacts, "partial": _partial}
 
 
-def noisy_target(edit: Edit, rng: np.random.Generator, cfg: WorldConfig, corruption: str | None = None) -> NoisyTarget:
+def noisy_target(edit: Edit, rng: np.random.Generator, cfg: WorldConfig, corruption: str | None = None,
+                 with_verdict: bool = True) -> NoisyTarget:
     """A target image for ``edit``, corrupted as ``corruption`` says (random when None), with the
-    oracle's verdict on it: followed, preserved, quality."""
+    oracle's verdict on it: followed, preserved, quality. The verdict (two oracle parses, most of
+    the cost) draws no random numbers, so ``with_verdict=False`` gives the same image faster."""
     if corruption is not None and corruption not in CORRUPTIONS:
         raise ValueError(f"corruption={corruption!r} is unknown; use one of {CORRUPTIONS}.")
     kinds = [corruption] if corruption else [str(k) for k in rng.permutation(CORRUPTIONS)]
@@ -137,6 +139,8 @@ def noisy_target(edit: Edit, rng: np.random.Generator, cfg: WorldConfig, corrupt
             if corruption:
                 raise
             continue
+        if not with_verdict:
+            return NoisyTarget(image, kind, None, None, None)
         verdict = judge(render(edit.source, cfg), edit, image, cfg)
         return NoisyTarget(image, kind, verdict.followed, verdict.preserved, verdict.quality)
     raise ValueError(f"noisy_target: no corruption applies to this {edit.edit_type} edit.")

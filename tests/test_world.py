@@ -268,3 +268,16 @@ def test_caption_of_a_crowded_parse_does_not_fail():
 
     scene = Scene("white", tuple(Obj("circle", "red", 0.1, 0.1 * i + 0.05, 0.5) for i in range(7)))
     assert caption(scene) == "7 red circles on a white background"
+
+
+def test_noisy_target_without_verdict_is_the_same_image_and_stream():
+    from nb_edit.data.judge_qa import random_edit
+
+    cfg = WorldConfig()
+    for seed in range(8):
+        edit = random_edit(sample_scene(np.random.default_rng(seed), cfg), np.random.default_rng(50 + seed), cfg)
+        r1, r2 = np.random.default_rng(seed), np.random.default_rng(seed)
+        judged, fast = noisy_target(edit, r1, cfg), noisy_target(edit, r2, cfg, with_verdict=False)
+        assert np.array_equal(judged.image, fast.image) and judged.corruption == fast.corruption
+        assert fast.followed is None and isinstance(judged.followed, bool)
+        assert r1.random() == r2.random()  # the verdict drew no random numbers

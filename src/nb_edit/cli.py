@@ -222,8 +222,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         data = shapesworld(settings, seed=0)
         ckpt = cache.checkpoint_dir("npedit", {**cfg.to_dict(), "data": str(data["root"])})
         _, history = train_npedit(cfg, data["unpaired"], Path(args.ckpt_dir) if args.ckpt_dir else ckpt)
-        print(f"train npedit: {len(history)} steps, last loss_vlm {history[-1].get('loss_vlm')}, "
-              f"loss_dmd {history[-1].get('loss_dmd')}")
+        warm = sum("loss_copy" in h for h in history)
+        print(f"train npedit: {len(history) - warm} steps after {warm} copy warm-up steps, last loss_vlm "
+              f"{history[-1].get('loss_vlm')}, loss_dmd {history[-1].get('loss_dmd')}")
     finally:
         if distributed and dist.is_initialized():
             dist.destroy_process_group()

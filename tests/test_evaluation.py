@@ -74,15 +74,7 @@ class StubJudge:
 
 def _edit_of_each_type(seed: int = 0) -> list[world.Edit]:
     rng = np.random.default_rng(seed)
-    edits = []
-    for kind in world.EDIT_TYPES:
-        while True:
-            try:
-                edits.append(world.sample_edit(world.sample_scene(rng, CFG), rng, CFG, kind))
-                break
-            except ValueError:
-                continue
-    return edits
+    return [world.sample_edit_of_type(rng, CFG, kind) for kind in world.EDIT_TYPES]
 
 
 @pytest.fixture(scope="module")

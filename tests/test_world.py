@@ -8,7 +8,7 @@ import pytest
 
 from nb_edit.world import (CORRUPTIONS, EDIT_TYPES, INVALID_KINDS, Edit, Obj, Scene, WorldConfig, caption, degrade,
                            judge, noisy_target, parse, parse_accuracy, propose_candidates, render, sample_chain,
-                           sample_edit, sample_scene, vocabulary, words)
+                           sample_edit, sample_edit_of_type, sample_scene, vocabulary, words)
 from nb_edit.world.config import BG_TEXTURES, OBJECT_COLOURS, SHAPES, TEXTURES
 from nb_edit.world.phrasing import TEMPLATES
 
@@ -16,13 +16,8 @@ CFG = WorldConfig()
 
 
 def edits_of(kind, n, seed, cfg=CFG):
-    rng, found = np.random.default_rng(seed), []
-    while len(found) < n:
-        try:
-            found.append(sample_edit(sample_scene(rng, cfg), rng, cfg, kind))
-        except ValueError:
-            continue
-    return found
+    rng = np.random.default_rng(seed)
+    return [sample_edit_of_type(rng, cfg, kind) for _ in range(n)]
 
 
 def with_collateral(edit, cfg=CFG):
@@ -281,3 +276,13 @@ def test_noisy_target_without_verdict_is_the_same_image_and_stream():
         assert np.array_equal(judged.image, fast.image) and judged.corruption == fast.corruption
         assert fast.followed is None and isinstance(judged.followed, bool)
         assert r1.random() == r2.random()  # the verdict drew no random numbers
+
+
+def test_sample_edit_of_type_names_a_type_the_world_forbids():
+    rng = np.random.default_rng(0)
+    assert sample_edit_of_type(rng, CFG, "remove").edit_type == "remove"
+    with pytest.raises(ValueError, match="unknown"):
+        sample_edit_of_type(rng, CFG, "rotate")
+    one_object = WorldConfig(min_objects=1, max_objects=1)
+    with pytest.raises(ValueError, match="no 'count' edit"):
+        sample_edit_of_type(rng, one_object, "count", max_scenes=20)

@@ -144,7 +144,7 @@ class MultiTurnJudgeReward:
 class MultiTurnOracleReward:
     """The same calls answered by the world's oracle (``world.judge``): a perfect judge.
 
-    Scores on 1-5: ``1 + 3 * verdict + quality`` (``quality`` in [0, 1] is how well a clean
+    Scores on 1-5: ``world.graded_score`` = ``1 + 3 * verdict + quality`` (``quality`` in [0, 1] is how well a clean
     render explains the output), so a success scores 4-5, a failure 1-2, and within a group of
     failures the cleaner output still ranks higher. IF reads ``followed``, CC ``preserved``, each
     turn judged against the image it edited. With ``scoring="multi"`` CC of turn t is the lowest
@@ -164,8 +164,8 @@ class MultiTurnOracleReward:
             raise ValueError(f"meta['edits'] holds {len(edits)} edits for {outputs.shape[0]} outputs; "
                              "pass one per sample.")
         verdicts = [world.judge(s, e, o, self.cfg) for s, e, o in zip(to_uint8(sources), edits, to_uint8(outputs))]
-        quality = np.array([v.quality for v in verdicts], dtype=np.float32).clip(0.0, 1.0)
-        score = lambda flags: torch.from_numpy(1.0 + 3.0 * np.asarray(flags, np.float32) + quality)  # noqa: E731
+        quality = np.array([v.quality for v in verdicts], dtype=np.float32)
+        score = lambda flags: torch.from_numpy(world.graded_score(flags, quality, *SCORE_RANGE).astype(np.float32))  # noqa: E731
         return score([v.followed for v in verdicts]), score([v.preserved for v in verdicts])
 
     def __call__(self, sources: Tensor, instructions: Sequence[str], outputs: Tensor, **meta: Any) -> dict[str, Tensor]:

@@ -8,8 +8,8 @@ parses any image back into a scene and judges an edit's output (followed, preser
 
 from .config import WorldConfig
 from .corrupt import CORRUPTIONS, NoisyTarget, degrade, noisy_target
-from .edits import EDIT_TYPES, Edit, sample_edit
-from .judge import Verdict, judge
+from .edits import EDIT_TYPES, Edit, sample_edit, sample_edit_of_type
+from .judge import Verdict, graded_score, judge
 from .metrics import judge_agreement, parse_accuracy
 from .oracle import Parsed, parse
 from .phrasing import vocabulary, words
@@ -19,6 +19,6 @@ from .sequences import INVALID_KINDS, propose_candidates, sample_chain
 
 __all__ = [
     "WorldConfig", "Obj", "Scene", "EDIT_TYPES", "Edit", "Parsed", "Verdict", "NoisyTarget", "CORRUPTIONS",
-    "INVALID_KINDS", "sample_scene", "render", "caption", "sample_edit", "propose_candidates", "sample_chain",
-    "parse", "judge", "noisy_target", "degrade", "vocabulary", "words", "parse_accuracy", "judge_agreement",
+    "INVALID_KINDS", "sample_scene", "render", "caption", "sample_edit", "sample_edit_of_type", "propose_candidates", "sample_chain",
+    "parse", "judge", "graded_score", "noisy_target", "degrade", "vocabulary", "words", "parse_accuracy", "judge_agreement",
 ]

@@ -220,3 +220,24 @@ def sample_edit(scene: Scene, rng: np.random.Generator, cfg: WorldConfig, edit_t
         return make_edit(kind, phrase(key, rng, **slots), scene, target, cfg, obj_index=index)
     raise ValueError(f"sample_edit: edit_type={edit_type or 'any'} is impossible for this scene ("
                      + "; ".join(reasons) + ").")
+
+
+def sample_edit_of_type(rng: np.random.Generator, cfg: WorldConfig, edit_type: str | None,
+                        max_scenes: int = 1000) -> Edit:
+    """A valid ``edit_type`` edit (None: any type) of a fresh scene: draws scenes until the type
+    applies to one.
+
+    Raises ValueError when no scene out of ``max_scenes`` admits it (the world's settings
+    forbid that type, e.g. ``count`` with ``max_objects=1``).
+    """
+    from .scene import sample_scene
+
+    if edit_type is not None and edit_type not in EDIT_TYPES:
+        raise ValueError(f"edit_type={edit_type!r} is unknown; use one of {EDIT_TYPES}.")
+    for _ in range(max_scenes):
+        try:
+            return sample_edit(sample_scene(rng, cfg), rng, cfg, edit_type)
+        except ValueError:
+            continue
+    raise ValueError(f"no {edit_type!r} edit applied to any of {max_scenes} scenes; check that the WorldConfig "
+                     "(object counts, colours, sizes) allows it.")

@@ -9,6 +9,9 @@ is measured against.
   appeared or vanished other than by the edit;
 - ``quality``: how well a clean re-render of the parsed output explains it (1 = clean render);
 - ``success = followed and preserved``.
+
+:func:`graded_score` turns a verdict into the graded score a perfect judge would give on a
+``lo..hi`` scale (Multi-Reward's 0-5 perspectives, MT-EditFlow's 1-5 IF and CC).
 Parsing the actual source image (not the ideal scene) keeps multi-turn judging fair when a
 turn edits an imperfect output of the previous turn. An invalid candidate is followed only
 by leaving the image unchanged.
@@ -37,6 +40,17 @@ class Verdict:
     quality: float
     success: bool
     details: dict = field(default_factory=dict)
+
+
+def graded_score(flag, quality, lo: int = 0, hi: int = 5):
+    """The oracle's score on ``lo..hi``: ``lo + (hi - lo) * (0.75 * flag + 0.25 * quality)``.
+
+    ``flag`` (followed or preserved) decides the upper or the lower part of the scale and
+    ``quality`` in [0, 1] ranks within it, so a success scores at least ``lo + 0.75 (hi - lo)``,
+    a failure at most ``lo + 0.25 (hi - lo)``, and among failures a cleaner output ranks higher.
+    On 1-5 this is ``1 + 3 * flag + quality``. Works on floats and numpy arrays alike.
+    """
+    return lo + (hi - lo) * (0.75 * np.asarray(flag, dtype=np.float32) + 0.25 * np.clip(np.asarray(quality, dtype=np.float32), 0.0, 1.0))
 
 
 def _cost(a: Obj, b: Obj) -> float:

@@ -7,7 +7,7 @@ import numpy as np
 
 from .config import WorldConfig
 from .corrupt import degrade
-from .edits import EDIT_TYPES, sample_edit
+from .edits import EDIT_TYPES, sample_edit, sample_edit_of_type
 from .judge import judge, match
 from .oracle import parse
 from .render import render
@@ -58,10 +58,7 @@ def judge_agreement(cfg: WorldConfig, n_per_type: int = 50, seed: int = 0) -> di
     for kind in EDIT_TYPES:
         target_ok = source_followed = done = 0
         while done < n_per_type:
-            try:
-                edit = sample_edit(sample_scene(rng, cfg), rng, cfg, kind)
-            except ValueError:
-                continue
+            edit = sample_edit_of_type(rng, cfg, kind)
             source = render(edit.source, cfg)
             target_ok += judge(source, edit, render(edit.target, cfg), cfg).success
             source_followed += judge(source, edit, source, cfg).followed

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 
 
@@ -79,6 +80,19 @@ def test_npedit_copy_warmup_comes_first_and_reads_sources_only(pretrained, data,
     assert calls == [] and [h["loss_copy"] for h in second[:2]] == [h["loss_copy"] for h in first[:2]]
     assert "loss_vlm" in second[2] and "loss_dmd" not in second[2]  # its own main stage (VLM only)
 
+    # the warm-up alone (the notebook's "after warm-up" row) loads the shared one: same weights, no step
+    from nb_edit.models.lora import lora_parameters
+
+    alone, calls = NPEditTrainer(cfg, data["unpaired"]), []
+    fresh = [p.detach().clone() for p in lora_parameters(alone.model, "generator")]
+    copy_step = alone.copy_step
+    alone.copy_step = lambda batch, step: calls.append(step) or copy_step(batch, step)
+    assert [h["loss_copy"] for h in alone.warm_up(shared, progress=False)] == [h["loss_copy"] for h in first[:2]]
+    loaded = [p.detach() for p in lora_parameters(alone.model, "generator")]
+    assert calls == [] and any(not torch.equal(a, b) for a, b in zip(fresh, loaded))
+    with pytest.raises(ValueError, match="copy_warmup_steps"):
+        NPEditTrainer(cfg.replace(copy_warmup_steps=0), data["unpaired"]).warm_up(tmp_path / "none")
+
 
 def test_npedit_refuses_paired_data(pretrained, data, tmp_path):
     from nb_edit.training.npedit import NPEditConfig, train_npedit
@@ -126,3 +140,19 @@ def test_remade_part_replaces_the_old_one_whole(tmp_path):
     assert not stale.exists() and (tmp_path / "teacher" / "made_by.json").exists()
     assert resolve_backbone(tmp_path / "teacher") in ("unet", "dit")
     assert not list(tmp_path.glob(".*.partial"))
+
+
+def test_judge_feedback_pool_asks_the_editors_outputs_and_every_score_question(pretrained, tmp_path, monkeypatch):
+    from nb_edit.data.judge_qa import SCORE_KINDS
+    from nb_edit.training.pretrain_judge import JudgeConfig, build_feedback_pool
+
+    monkeypatch.setenv("NB_EDIT_CACHE", str(tmp_path / "cache"))
+    cfg = JudgeConfig.for_profile("smoke", score_share=1.0, chain_share=0.0, editor_share=0.5, presence_share=0.0)
+    pool = build_feedback_pool(cfg, 40, seed=0, editors_root=pretrained)
+    origin, kinds = pool.meta["origin"], pool.meta["kind"]
+    assert origin.count("editor") == 20 and len(origin) == 40
+    assert set(kinds) == set(SCORE_KINDS)  # score_share=1: every edit question asks for a score
+    assert all(a in "012345" and len(a) == 1 for a in pool.meta["answer"])
+
+    with pytest.raises(FileNotFoundError, match="make pretrain"):
+        build_feedback_pool(cfg, 8, seed=0, editors_root=tmp_path / "nothing")

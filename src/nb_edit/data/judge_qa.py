@@ -8,7 +8,10 @@ pixels (``world.judge`` / ``world.parse``), never from how the output was made, 
 is right even where a corruption happened to be harmless.
 
 Questions follow :mod:`nb_edit.questions` (the NP-Edit pair, the remove variant, presence,
-quality). Perception targets for the vision tower's first stage come from the same renders:
+quality) and, for the judge's feedback stage, every score question a method asks: Multi-Reward's
+following and preserving scores (0-5) and MT-EditFlow's IF and CC (1-5, CC also against the
+original of a multi-turn chain under the joined instructions), labelled with the oracle's
+:func:`~nb_edit.world.graded_score`. A judge is only asked questions it was trained on. Perception targets for the vision tower's first stage come from the same renders:
 per patch, the colour, shape and texture of the object that covers it (or background), plus
 the image's background colour and style.
 """
@@ -90,10 +93,11 @@ def _has(scene: world.Scene, name: str) -> bool:
     return any(f"{o.colour} {o.shape}" == name for o in scene.objects)
 
 
-def edit_examples(edit: world.Edit, output: np.ndarray, cfg: world.WorldConfig) -> list[QAExample]:
+def edit_examples(edit: world.Edit, output: np.ndarray, cfg: world.WorldConfig,
+                  verdict: world.Verdict | None = None) -> list[QAExample]:
     """The NP-Edit questions about one output, answered by the oracle."""
     source = world.render(edit.source, cfg)
-    verdict = world.judge(source, edit, output, cfg)
+    verdict = verdict or world.judge(source, edit, output, cfg)
     yes = lambda flag: "yes" if flag else "no"  # noqa: E731
     examples = [QAExample(source, output, questions.preserved(edit.instruction), yes(verdict.preserved), "preserved"),
                 QAExample(source, output, questions.followed(edit.instruction), yes(verdict.followed), "followed"),
@@ -103,6 +107,54 @@ def edit_examples(edit: world.Edit, output: np.ndarray, cfg: world.WorldConfig) 
         parsed = world.parse(output, cfg).scene
         examples.append(QAExample(source, output, questions.present(removed), yes(_has(parsed, removed)), "present"))
     return examples
+
+
+SCORE_KINDS = ("following_score", "preserving_score", "if_score", "cc_score")
+
+
+def _digit(value) -> str:
+    return str(int(np.rint(float(value))))
+
+
+def score_examples(edit: world.Edit, output: np.ndarray, cfg: world.WorldConfig,
+                   verdict: world.Verdict | None = None) -> list[QAExample]:
+    """The score questions about one output (Multi-Reward 0-5, MT-EditFlow IF/CC 1-5), answered
+    by the oracle's graded score rounded to a digit."""
+    source = world.render(edit.source, cfg)
+    verdict = verdict or world.judge(source, edit, output, cfg)
+    i, f, p, q = edit.instruction, verdict.followed, verdict.preserved, verdict.quality
+    return [QAExample(source, output, questions.FOLLOWING_SCORE.format(instruction=i), _digit(world.graded_score(f, q, 0, 5)), "following_score"),
+            QAExample(source, output, questions.PRESERVING_SCORE.format(instruction=i), _digit(world.graded_score(p, q, 0, 5)), "preserving_score"),
+            QAExample(source, output, questions.IF_SCORE.format(instruction=i), _digit(world.graded_score(f, q, 1, 5)), "if_score"),
+            QAExample(source, output, questions.CC_SCORE.format(instruction=i), _digit(world.graded_score(p, q, 1, 5)), "cc_score")]
+
+
+def chain_example(scene: world.Scene, rng: np.random.Generator, cfg: world.WorldConfig, kind: str) -> QAExample:
+    """MT-EditFlow's multi-turn CC question: image 1 is the chain's original, image 2 a candidate
+    for its last turn (earlier turns carried out), the instruction is every turn's joined.
+
+    Labelled as the oracle's multi-turn CC (lowest per-turn CC): the earlier turns are correct,
+    so it is the last turn's verdict on its own input.
+    """
+    from nb_edit.rewards_multiturn import TURN_JOINER
+
+    chain = world.sample_chain(scene, rng, cfg, n_turns=int(rng.integers(2, 4)))
+    last = chain[-1]
+    output = candidate_output(last, kind, rng, cfg)
+    verdict = world.judge(world.render(last.source, cfg), last, output, cfg)
+    joined = TURN_JOINER.join(e.instruction for e in chain)
+    return QAExample(world.render(chain[0].source, cfg), output, questions.CC_SCORE.format(instruction=joined),
+                     _digit(world.graded_score(verdict.preserved, verdict.quality, 1, 5)), "cc_chain")
+
+
+def pick_example(edit: world.Edit, output: np.ndarray, cfg: world.WorldConfig, rng: np.random.Generator,
+                 score_share: float) -> QAExample:
+    """One question about one output: a score question with probability ``score_share``, else
+    one of the NP-Edit questions."""
+    verdict = world.judge(world.render(edit.source, cfg), edit, output, cfg)
+    pool = score_examples if rng.random() < score_share else edit_examples
+    examples = pool(edit, output, cfg, verdict)
+    return examples[int(rng.integers(len(examples)))]
 
 
 def changed_pixels(a: np.ndarray, b: np.ndarray, threshold: float = 20.0) -> np.ndarray:
@@ -131,22 +183,39 @@ def presence_example(scene: world.Scene, rng: np.random.Generator, cfg: world.Wo
 
 
 def qa_batch(cfg: world.WorldConfig, rng: np.random.Generator, batch_size: int,
-             edit_share: float = 1.0, kind_weights: dict[str, float] | None = None) -> list[QAExample]:
-    """A batch mixing NP-Edit questions on edits (share ``edit_share``) and presence questions."""
+             edit_share: float = 1.0, kind_weights: dict[str, float] | None = None,
+             score_share: float = 0.0, chain_share: float = 0.0) -> list[QAExample]:
+    """A batch mixing NP-Edit questions on edits (share ``edit_share``) and presence questions.
+
+    With ``score_share`` > 0 that share of the edit questions are score questions
+    (:func:`score_examples`), and ``chain_share`` of all examples are multi-turn CC questions
+    (:func:`chain_example`). At 0 they draw nothing from ``rng``: the same seed gives the same
+    batch as before they existed.
+    """
     weights = kind_weights or {"target": 3, "source": 1.5, "noisy": 2, "blur": 1, "blend": 1, "other_target": 1,
                                "patchy": 1.5}
     kinds, probs = list(weights), np.array(list(weights.values()), dtype=float)
+    draw_kind = lambda: str(rng.choice(kinds, p=probs / probs.sum()))  # noqa: E731
     out: list[QAExample] = []
     while len(out) < batch_size:
         scene = world.sample_scene(rng, cfg)
+        if chain_share and rng.random() < chain_share:
+            try:
+                out.append(chain_example(scene, rng, cfg, draw_kind()))
+            except ValueError:  # no chain or no wrong edit for this scene
+                pass
+            continue
         if rng.random() >= edit_share:
             out.append(presence_example(scene, rng, cfg))
             continue
         edit = random_edit(scene, rng, cfg)
-        kind = str(rng.choice(kinds, p=probs / probs.sum()))
+        kind = draw_kind()
         try:
             output = candidate_output(edit, kind, rng, cfg)
         except ValueError:  # e.g. no wrong edit exists for this scene
+            continue
+        if score_share:
+            out.append(pick_example(edit, output, cfg, rng, score_share))
             continue
         examples = edit_examples(edit, output, cfg)
         out.append(examples[int(rng.integers(len(examples)))])

@@ -276,14 +276,8 @@ class NPEditTrainer:
         and resumes on its own; main-stage steps are numbered after the warm-up's.
         """
         cfg = self.cfg
-        history = []
         warm = cfg.copy_warmup_steps
-        if warm:
-            loop = self._loop(warm, cfg.copy_warmup_lr)
-            history += train(self.copy_step, {"editor": self.model}, config=loop,
-                             ckpt_dir=warmup_dir or Path(ckpt_dir) / "copy_warmup", batch_fn=self.batch,
-                             optimizers={"main": make_optimizer(lora_parameters(self.model, "generator"), loop)},
-                             run_config=warmup_key(cfg), progress=progress)
+        history = self.warm_up(warmup_dir or Path(ckpt_dir) / "copy_warmup", progress) if warm else []
         loop = self._loop(cfg.steps)
         main = make_optimizer(lora_parameters(self.model, "generator"), loop)
         self.fake_optimizer = make_optimizer(lora_parameters(self.model, "fake"), loop)
@@ -295,6 +289,19 @@ class NPEditTrainer:
             record["step"] += warm
         history += stage
         return history
+
+    def warm_up(self, warmup_dir: Path, progress: bool = True) -> list[dict]:
+        """The copy warm-up alone (``copy_warmup_steps`` of :meth:`copy_step`), checkpointed in
+        ``warmup_dir``; a finished one is loaded, not retrained. After it the generator is the
+        editor the main stage starts from (what the notebook scores as ``npedit.warmup``)."""
+        cfg = self.cfg
+        if not cfg.copy_warmup_steps:
+            raise ValueError("warm_up: copy_warmup_steps is 0 in this config; set it to the warm-up's length.")
+        loop = self._loop(cfg.copy_warmup_steps, cfg.copy_warmup_lr)
+        return list(train(self.copy_step, {"editor": self.model}, config=loop, ckpt_dir=warmup_dir,
+                          batch_fn=self.batch,
+                          optimizers={"main": make_optimizer(lora_parameters(self.model, "generator"), loop)},
+                          run_config=warmup_key(cfg), progress=progress))
 
     def edit_pipeline(self):
         """The trained generator as an EditPipeline (generator adapter active)."""

@@ -1,6 +1,7 @@
 """``make pretrain``: every tiny stand-in, in dependency order, into ``data/pretrained/``.
 
-teacher -> supervised editors (clean, noisy; initialised from the teacher) -> judge. Each part
+teacher -> supervised editors (clean, noisy; initialised from the teacher) -> judge (its last
+stage questions the editors' outputs). Each part
 is skipped when its folder is complete (``made_by.json`` is written last) unless ``force``;
 an interrupted part resumes from its checkpoints in ``data/cache/pretrain/<part>/<config key>/``
 (a changed configuration starts afresh instead of resuming someone else's weights). The training
@@ -56,9 +57,6 @@ def run(parts: list[str] | None = None, profile: str = "tiny", force: bool = Fal
         # mixes old and new files (say a DiT's transformer/ beside a UNet's unet/), and an
         # interrupted remake leaves the previous part in place
         staging = out.parent / f".{name}.partial"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        print(f"pretrain: {name} -> {out}", flush=True)
         if name == "judge":
             from nb_edit.training import pretrain_judge
 
@@ -73,9 +71,17 @@ def run(parts: list[str] | None = None, profile: str = "tiny", force: bool = Fal
         if name in ("clean", "noisy") and not is_complete(teacher):
             raise SystemExit(f"pretrain: {name} starts from the teacher, which is not made yet; "
                              "run `make pretrain` (or --only teacher) first.")
+        if name == "judge" and cfg.editor_share > 0:
+            missing = [e for e in cfg.editors if not is_complete(part_dir(e, root))]
+            if missing:
+                raise SystemExit(f"pretrain: the judge's feedback stage draws outputs of the editors {missing}, "
+                                 "which are not made yet; run `make pretrain` (or --only clean noisy) first.")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        print(f"pretrain: {name} -> {out}", flush=True)
         with torch_threads(cfg.num_threads):
             if name == "judge":
-                summary = pretrain_judge.train_judge(cfg, staging, ckpt)
+                summary = pretrain_judge.train_judge(cfg, staging, ckpt, editors_root=root)
             elif name == "teacher":
                 summary = pretrain.train_teacher(cfg, staging, ckpt)
             else:

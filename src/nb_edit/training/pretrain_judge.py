@@ -19,6 +19,13 @@ learns nothing in CPU minutes:
    tokens of image 2 (a throw-away linear head, as in stage 1): per patch, *did it change
    from image 1?*, the comparison "was the rest preserved?" is built on. A quarter-size batch
    of stage-2 examples keeps the model able to describe what it sees.
+4. **feedback** - the same loss on a second pool that holds every question the methods ask:
+   half of the edit questions become score questions (Multi-Reward's following and
+   preserving scores on 0-5, MT-EditFlow's IF and CC on 1-5, also CC over multi-turn chains),
+   labelled with the oracle's graded score; and a share of the outputs are the shipped
+   supervised editors' own 4-step edits of unseen scenes (the hard negatives a judge meets
+   when it rewards a generator). Needs those editors (``make pretrain`` builds them first).
+   The learning rate anneals to 0 over this stage (cosine).
 
 The examples are generated once into a pool (the artifact cache) and reused every epoch.
 """
@@ -62,13 +69,20 @@ class JudgeConfig(StageConfig):
     pool_size: int = 20000
     eval_size: int = 1000
     presence_share: float = 0.15  # share of single-image presence questions
+    feedback_steps: int = 3000  # stage 4: score questions and the editors' own outputs
+    feedback_schedule: str = "cosine"  # stage 4 anneals the learning rate to 0 (stage 3 keeps it constant)
+    feedback_pool: int = 20000
+    score_share: float = 0.5  # share of stage-4 edit questions that ask for a score
+    chain_share: float = 0.1  # share of stage-4 examples that are multi-turn CC questions
+    editor_share: float = 0.35  # share of stage-4 examples whose output a shipped editor drew
+    editors: tuple = ("clean", "noisy")
     num_threads: int = 2
     world: dict = dataclasses.field(default_factory=lambda: world.WorldConfig().to_dict())
 
     PROFILES: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": {},
         "smoke": dict(perception_steps=2, align_steps=2, qa_steps=2, batch_size=4, pool_size=16, eval_size=16,
-                      vision_layers=2, text_layers=2, num_threads=1),
+                      vision_layers=2, text_layers=2, num_threads=1, feedback_steps=2, feedback_pool=24),
     }
 
 
@@ -94,6 +108,57 @@ def build_pool(cfg: JudgeConfig, n: int, seed: int) -> cache.Artifact:
         return tensors, meta
 
     return cache.ensure("judge_qa_pool", key, build)
+
+
+def _editor_fingerprint(editors_root: Path, names) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update((editors_root / name / "made_by.json").read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def build_feedback_pool(cfg: JudgeConfig, n: int, seed: int, editors_root: Path | None) -> cache.Artifact:
+    """Stage 4's ``n`` examples: synthetic outputs with score and chain questions, plus
+    (share ``editor_share``) the shipped editors' 4-step edits of fresh scenes, every label from
+    the oracle. Cached under the editors' fingerprint."""
+    wcfg = world.WorldConfig.from_dict(cfg.world)
+    use_editors = cfg.editor_share > 0 and editors_root is not None
+    if use_editors:
+        missing = [e for e in cfg.editors if not (editors_root / e / "made_by.json").exists()]
+        if missing:
+            raise FileNotFoundError(f"the judge's feedback stage draws hard negatives from the editors {missing}, "
+                                    f"which are not made in {editors_root}; run `make pretrain` (it builds them first) "
+                                    "or set editor_share=0.")
+    n_editor = int(round(n * cfg.editor_share)) if use_editors else 0
+    key = {"what": "judge_feedback_pool", "n": n, "seed": seed, "world": cfg.world, "score_share": cfg.score_share,
+           "chain_share": cfg.chain_share, "editor_share": cfg.editor_share if use_editors else 0,
+           "editors": _editor_fingerprint(editors_root, cfg.editors) if use_editors else None, "version": 1}
+
+    def build():
+        from nb_edit.evaluation import run_editor
+        from nb_edit.training.pretrain import load_pipeline
+
+        rng = np.random.default_rng([seed, 4])
+        examples = judge_qa.qa_batch(wcfg, rng, n - n_editor, edit_share=1.0 - cfg.presence_share,
+                                     score_share=cfg.score_share, chain_share=cfg.chain_share)
+        origin = ["synthetic"] * len(examples)
+        for i, name in enumerate(cfg.editors if n_editor else ()):
+            count = n_editor // len(cfg.editors) + (i < n_editor % len(cfg.editors))
+            edits = [judge_qa.random_edit(world.sample_scene(rng, wcfg), rng, wcfg) for _ in range(count)]
+            sources = np.stack([world.render(e.source, wcfg) for e in edits])
+            outputs = run_editor(load_pipeline(editors_root / name), sources, [e.instruction for e in edits],
+                                 steps=4, seed=seed + 1000 * i, desc=f"judge pool: {name} editor")
+            examples += [judge_qa.pick_example(e, o, wcfg, rng, cfg.score_share) for e, o in zip(edits, outputs)]
+            origin += ["editor"] * count
+        tensors = {"source": torch.from_numpy(np.stack([e.source for e in examples])),
+                   "output": torch.from_numpy(np.stack([e.output for e in examples]))}
+        meta = {"question": [e.question for e in examples], "answer": [e.answer for e in examples],
+                "kind": [e.kind for e in examples], "origin": origin}
+        return tensors, meta
+
+    return cache.ensure("judge_feedback_pool", key, build)
 
 
 def _perception_batch(cfg: JudgeConfig, step: int, patch: int):
@@ -241,7 +306,9 @@ def qa_forward(judge: VLMJudge, source: torch.Tensor, output: torch.Tensor, qs: 
     return judge._logits_at(hidden, lengths).float(), hidden[rows, image_pos]
 
 
-def train_questions(judge: VLMJudge, cfg: JudgeConfig, pool: cache.Artifact, ckpt_dir: Path) -> list[dict]:
+def train_questions(judge: VLMJudge, cfg: JudgeConfig, pool: cache.Artifact, ckpt_dir: Path,
+                    steps: int | None = None, schedule: str = "constant") -> list[dict]:
+    """Stages 3 and 4: answer-token cross-entropy on ``pool`` (``steps`` default ``cfg.qa_steps``)."""
     n = pool.tensors["source"].shape[0]
     qs, answers = pool.meta["question"], pool.meta["answer"]
     targets = answer_ids(judge, answers)
@@ -270,30 +337,50 @@ def train_questions(judge: VLMJudge, cfg: JudgeConfig, pool: cache.Artifact, ckp
         return {"loss": loss, "answer_loss": answer, "aux_loss": aux, "describe_loss": describe,
                 "acc": (logits.argmax(-1) == target).float().mean()}
 
-    loop = LoopConfig(steps=cfg.qa_steps, lr=cfg.qa_lr, optimizer="adamw", grad_clip=1.0, warmup_steps=50,
-                      checkpoint_every=250, seed=cfg.seed)
+    loop = LoopConfig(steps=cfg.qa_steps if steps is None else steps, lr=cfg.qa_lr, optimizer="adamw",
+                      grad_clip=1.0, warmup_steps=50, checkpoint_every=250, seed=cfg.seed, schedule=schedule)
     return list(train(step_fn, {"judge": judge.model, "heads": heads}, config=loop, ckpt_dir=ckpt_dir,
                       batch_fn=batch_fn, optimizers={"main": optimizer}, run_config=cfg.to_dict()))
 
 
 @torch.no_grad()
 def evaluate_pool(judge: VLMJudge, pool: cache.Artifact, batch: int = 128) -> dict[str, float]:
-    """Accuracy per question kind on a held-out pool (answer = argmax over the vocabulary)."""
+    """Accuracy per question kind on a held-out pool (answer = argmax over the vocabulary).
+
+    Score questions also get ``spearman_<kind>``: the rank correlation of the judge's expected
+    score (over the digit tokens) with the oracle's label. A pool with an ``origin`` column adds
+    ``acc_editor_<kind>`` on the editors' outputs alone.
+    """
+    from nb_edit.models.judge import single_token_id
+    from scipy.stats import spearmanr
+
     qs, answers, kinds = pool.meta["question"], pool.meta["answer"], pool.meta["kind"]
+    origin = pool.meta.get("origin", ["synthetic"] * len(qs))
     targets = answer_ids(judge, answers)
-    correct = []
+    digits = list(range(6))
+    digit_ids = [single_token_id(judge.tokenizer, str(d)) for d in digits]
+    correct, expected = [], []
     for start in range(0, len(qs), batch):
         idx = np.arange(start, min(start + batch, len(qs)))
         logits = qa_logits(judge, pool.tensors["source"][idx], pool.tensors["output"][idx], [qs[i] for i in idx])
         correct += (logits.argmax(-1) == targets[idx]).tolist()
+        expected += (logits[:, digit_ids].softmax(-1) @ torch.tensor(digits, dtype=torch.float32)).tolist()
     result = {}
     for kind in sorted(set(kinds)):
-        hits = [c for c, k in zip(correct, kinds) if k == kind]
-        result[f"acc_{kind}"] = float(np.mean(hits))
+        rows = [i for i, k in enumerate(kinds) if k == kind]
+        result[f"acc_{kind}"] = float(np.mean([correct[i] for i in rows]))
+        if kind.endswith("_score") or kind in ("quality", "cc_chain"):
+            labels = [float(answers[i]) for i in rows]
+            if len(set(labels)) > 1:
+                result[f"spearman_{kind}"] = float(spearmanr([expected[i] for i in rows], labels).statistic)
+        editor_rows = [i for i in rows if origin[i] == "editor"]
+        if editor_rows and len(editor_rows) < len(rows):
+            result[f"acc_editor_{kind}"] = float(np.mean([correct[i] for i in editor_rows]))
     return result
 
 
-def train_judge(cfg: JudgeConfig, out_dir: Path, ckpt_dir: Path) -> dict[str, Any]:
+def train_judge(cfg: JudgeConfig, out_dir: Path, ckpt_dir: Path, editors_root: Path | None = None) -> dict[str, Any]:
+    """All four stages; ``editors_root`` holds the supervised editors stage 4 draws outputs from."""
     start = time.perf_counter()
     wcfg = world.WorldConfig.from_dict(cfg.world)
     sizes = dict(vision_layers=cfg.vision_layers, text_layers=cfg.text_layers, hidden=cfg.hidden)
@@ -304,12 +391,20 @@ def train_judge(cfg: JudgeConfig, out_dir: Path, ckpt_dir: Path) -> dict[str, An
     perception = train_perception(judge, cfg, ckpt_dir / "perception")
     alignment = train_alignment(judge, cfg, ckpt_dir / "alignment")
     pool = build_pool(cfg, cfg.pool_size, seed=cfg.seed)
-    history = train_questions(judge, cfg, pool, ckpt_dir / "questions")
+    questions_history = train_questions(judge, cfg, pool, ckpt_dir / "questions")
+    feedback = build_feedback_pool(cfg, cfg.feedback_pool, seed=cfg.seed, editors_root=editors_root)
+    history = train_questions(judge, cfg, feedback, ckpt_dir / "feedback", steps=cfg.feedback_steps,
+                              schedule=cfg.feedback_schedule)
     judge.model.eval()
     held_out = evaluate_pool(judge, build_pool(cfg, cfg.eval_size, seed=cfg.seed + 10_000))
+    held_out_feedback = evaluate_pool(judge, build_feedback_pool(cfg, cfg.eval_size, seed=cfg.seed + 10_000,
+                                                                 editors_root=editors_root))
     judge.save_pretrained(out_dir)
     losses = [h["answer_loss"] for h in history]
-    return {"steps": len(perception) + len(alignment) + len(history), "final_loss": float(np.mean(losses[-50:])),
+    return {"steps": len(perception) + len(alignment) + len(questions_history) + len(history),
+            "questions_final_loss": float(np.mean([h["answer_loss"] for h in questions_history[-50:]])),
+            **{f"held_out_feedback_{k}": v for k, v in held_out_feedback.items()},
+            "final_loss": float(np.mean(losses[-50:])),
             "perception_final_loss": float(np.mean([h["loss"] for h in perception[-20:]])),
             "alignment_final_loss": float(np.mean([h["loss"] for h in alignment[-20:]])),
             "wall_s": time.perf_counter() - start, "loss_curve": losses[:: max(1, len(losses) // 200)],

@@ -100,11 +100,16 @@ def _check_metric(key: str, value: Any) -> float:
 
 
 def record_metrics(run: Run, metrics: Mapping[str, Any]) -> dict[str, float]:
-    """Merge ``metrics`` into the run's ``metrics.json`` (atomically) and return them checked."""
+    """Merge ``metrics`` into the run's ``metrics.json`` (atomically, under a lock: notebooks of
+    one run may record at the same time) and return them checked."""
+    import fcntl
+
     checked = {key: _check_metric(key, value) for key, value in metrics.items()}
-    merged = read_metrics(run)
-    merged.update(checked)
-    _atomic_write_text(run.metrics_path, json.dumps(merged, indent=1, sort_keys=True))
+    with open(run.metrics_path.parent / ".metrics.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        merged = read_metrics(run)
+        merged.update(checked)
+        _atomic_write_text(run.metrics_path, json.dumps(merged, indent=1, sort_keys=True))
     return checked
 
 

@@ -119,10 +119,10 @@ CLAIMS: tuple[Claim, ...] = (
           (Comparison("mtrl.nft_broadcast.turn3_success", ">", "mtrl.base.turn3_success"),)),
     # The tiny editors rarely get three turns in a row right (turn-3 success can be 0 for every
     # variant, an inconclusive 0 vs 0); the same claim on the turn-3 edit alone stays measurable.
-    *(Claim(f"mtrl-{algo}-raises-marginal-turn3", "MT-EditFlow", "experiments: main results (tiny proxy)",
-            f"{name} with the broadcast advantage raises the marginal turn-3 success (turn 3 judged on the "
-            "image it edited, whatever turns 1-2 did) over the base editor.",
-            (Comparison(f"mtrl.{algo}_broadcast.marginal_success_turn3", ">", "mtrl.base.marginal_success_turn3"),))
+    *(Claim(f"mtrl-{algo}-raises-turn3-task", "MT-EditFlow", "experiments: main results (tiny proxy)",
+            f"{name} with the broadcast advantage raises turn-3 task success (turn 3 judged on the image "
+            "it edited, whatever turns 1-2 did) over the base editor.",
+            (Comparison(f"mtrl.{algo}_broadcast.turn3_task_success", ">", "mtrl.base.turn3_task_success"),))
       for algo, name in (("grpo", "Multi-turn Flow-GRPO"), ("nft", "Multi-turn DiffusionNFT"))),
     Claim("mtrl-broadcast-grpo", "MT-EditFlow", "analysis: advantage broadcasting",
           "Broadcasting the trajectory advantage to every turn at least matches per-turn advantages "

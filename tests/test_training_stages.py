@@ -156,3 +156,13 @@ def test_judge_feedback_pool_asks_the_editors_outputs_and_every_score_question(p
 
     with pytest.raises(FileNotFoundError, match="make pretrain"):
         build_feedback_pool(cfg, 8, seed=0, editors_root=tmp_path / "nothing")
+
+
+@pytest.mark.bad_input
+def test_pretrain_judge_refuses_to_start_before_the_editors(tmp_path, monkeypatch):
+    from nb_edit.training import pretrain_all
+
+    monkeypatch.setenv("NB_EDIT_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(SystemExit, match="--only clean,noisy"):
+        pretrain_all.run(parts=["judge"], profile="smoke", root=tmp_path / "pretrained")
+    assert not (tmp_path / "pretrained" / ".judge.partial").exists()  # nothing half-made is left behind

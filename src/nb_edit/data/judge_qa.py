@@ -11,9 +11,11 @@ Questions follow :mod:`nb_edit.questions` (the NP-Edit pair, the remove variant,
 quality) and, for the judge's feedback stage, every score question a method asks: Multi-Reward's
 following and preserving scores (0-5) and MT-EditFlow's IF and CC (1-5, CC also against the
 original of a multi-turn chain under the joined instructions), labelled with the oracle's
-:func:`~nb_edit.world.graded_score`. A judge is only asked questions it was trained on. Perception targets for the vision tower's first stage come from the same renders:
-per patch, the colour, shape and texture of the object that covers it (or background), plus
-the image's background colour and style.
+:func:`~nb_edit.world.graded_score`. A judge is only asked questions it was trained on.
+
+Perception targets for the vision tower's first stage come from the same renders: per patch,
+the colour, shape and texture of the object that covers it (or background), plus the image's
+background colour and style.
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ def run(parts: list[str] | None = None, profile: str = "tiny", force: bool = Fal
             missing = [e for e in cfg.editors if not is_complete(part_dir(e, root))]
             if missing:
                 raise SystemExit(f"pretrain: the judge's feedback stage draws outputs of the editors {missing}, "
-                                 "which are not made yet; run `make pretrain` (or --only clean noisy) first.")
+                                 "which are not made yet; run `make pretrain` (or `python -m nb_edit pretrain --only clean,noisy`) first.")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         print(f"pretrain: {name} -> {out}", flush=True)

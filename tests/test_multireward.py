@@ -285,6 +285,25 @@ def test_multireward_trains_both_variants(stage, tmp_path, variant):
     assert set(rates) == {"best", "low"} and all(0.0 <= v <= 1.0 for r in rates.values() for v in r.values())
 
 
+def test_condition_module_trains_at_its_own_lr_without_weight_decay(stage):
+    from nb_edit.training.multireward import MultiRewardConfig, MultiRewardTrainer
+
+    cfg = MultiRewardConfig.for_profile("smoke", editor_id=str(stage["root"] / "noisy"), lr=1e-3,
+                                        condition_lr_scale=20.0)
+    trainer = MultiRewardTrainer(cfg, stage["annotated"])
+    lora_group, cond_group = trainer.param_groups()
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    assert lora_group["params"] and all("lora_" in names[id(p)] for p in lora_group["params"])
+    assert cond_group["params"] and all(names[id(p)].startswith("condition.") for p in cond_group["params"])
+    assert cond_group["lr"] == pytest.approx(2e-2) and cond_group["weight_decay"] == 0.0
+    trainable = {id(p) for p in trainer.model.parameters() if p.requires_grad}
+    assert {id(p) for g in (lora_group, cond_group) for p in g["params"]} == trainable  # every one, once
+    baseline = MultiRewardTrainer(cfg.replace(variant="noreward"), stage["annotated"])
+    assert len(baseline.param_groups()) == 1
+    with pytest.raises(ValueError, match="condition_lr_scale"):
+        cfg.replace(condition_lr_scale=0.0)
+
+
 @pytest.mark.bad_input
 def test_multireward_refuses_bad_config_and_unannotated_data(stage, tmp_path):
     from nb_edit.training.multireward import MultiRewardConfig, train_multireward

@@ -236,3 +236,27 @@ def test_bad_loop_settings_are_refused(tmp_path):
     with pytest.raises(FileExistsError, match="resume=True"):  # resume=False never overwrites a run
         train(_mse_step(model), {"net": model}, config=LoopConfig(steps=2, optimizer="adamw"),
               ckpt_dir=tmp_path / "kept", batch_fn=_batch, progress=False, resume=False)
+
+
+def test_wsd_schedule_extends_a_constant_run_by_resuming_it(tmp_path):
+    """"wsd" is the constant schedule up to steps - decay_steps, then linear to 0; so a finished
+    constant-lr run, resumed under "wsd" with more steps, equals an uninterrupted "wsd" run."""
+    wsd = LoopConfig(steps=8, lr=1e-2, optimizer="adamw", checkpoint_every=2, warmup_steps=2, schedule="wsd",
+                     decay_steps=4)
+
+    def run(ckpt_dir, configs):
+        model = _tiny()
+        for config in configs:
+            history = train(_mse_step(model), {"net": model}, config=config, ckpt_dir=ckpt_dir, batch_fn=_batch,
+                            progress=False)
+        return history, model
+
+    straight, model_a = run(tmp_path / "a", [wsd])
+    extended, model_b = run(tmp_path / "b", [LoopConfig(**{**wsd.__dict__, "steps": 4, "schedule": "constant",
+                                                           "decay_steps": 0}), wsd])
+    lrs = [r["lr"] for r in straight]  # logged after the scheduler's step: the lr the next step uses
+    np.testing.assert_allclose(lrs, [1e-2, 1e-2, 1e-2, 1e-2, 7.5e-3, 5e-3, 2.5e-3, 0.0])
+    assert [r["lr"] for r in extended] == lrs and [r["loss"] for r in extended] == [r["loss"] for r in straight]
+    assert all(torch.equal(a, b) for a, b in zip(model_a.parameters(), model_b.parameters()))
+    with pytest.raises(ValueError, match="decay_steps"):
+        LoopConfig(steps=4, schedule="wsd", decay_steps=5)

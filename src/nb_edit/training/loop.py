@@ -58,7 +58,8 @@ class LoopConfig:
     eps: float = 1e-8
     optimizer: str = "adamw8bit"  # "adamw8bit" (bitsandbytes, runs on CPU too) | "adamw"
     warmup_steps: int = 0  # linear LR warm-up, then constant (or cosine, see schedule)
-    schedule: str = "constant"  # "constant" | "cosine" (half a cosine from lr down to 0 over the steps)
+    schedule: str = "constant"  # "constant" | "cosine" (half a cosine from lr down to 0 over the steps) | "wsd"
+    decay_steps: int = 0  # "wsd" (warm-up, stable, decay): constant lr, then linear to 0 over the last decay_steps
     grad_clip: float | None = 1.0  # max global gradient norm; None = no clipping
     ema_decay: float | None = None  # e.g. 0.999; None = no EMA
     checkpoint_every: int = 100
@@ -71,7 +72,8 @@ class LoopConfig:
         self.betas = tuple(self.betas)
         checks = {"optimizer": self.optimizer in ("adamw8bit", "adamw"),
                   "mixed_precision": self.mixed_precision in ("no", "bf16", "fp16"),
-                  "schedule": self.schedule in ("constant", "cosine"),
+                  "schedule": self.schedule in ("constant", "cosine", "wsd"),
+                  "decay_steps": 0 <= self.decay_steps <= self.steps,
                   "steps": self.steps >= 0, "lr": self.lr > 0, "checkpoint_every": self.checkpoint_every > 0,
                   "max_nonfinite": self.max_nonfinite > 0, "warmup_steps": self.warmup_steps >= 0,
                   "ema_decay": self.ema_decay is None or 0.0 < self.ema_decay < 1.0,
@@ -80,7 +82,7 @@ class LoopConfig:
             if not good:
                 raise ValueError(f"LoopConfig.{name}={getattr(self, name)!r} is invalid; fix: see the "
                                  "comment on the field (optimizer adamw8bit|adamw, mixed_precision "
-                                 "no|bf16|fp16, schedule constant|cosine, positive sizes, ema_decay in (0, 1))")
+                                 "no|bf16|fp16, schedule constant|cosine|wsd, decay_steps within steps, positive sizes, ema_decay in (0, 1))")
 
 
 def _world_size() -> int:
@@ -150,13 +152,24 @@ def make_optimizer(params, config: LoopConfig) -> torch.optim.Optimizer:
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: LoopConfig) -> torch.optim.lr_scheduler.LRScheduler:
-    """Linear warm-up over ``warmup_steps``, then the constant ``lr`` or diffusers' cosine decay."""
+    """Linear warm-up over ``warmup_steps``, then the constant ``lr``, diffusers' cosine decay, or
+    "wsd": constant, then linear to 0 over the last ``decay_steps``. A "wsd" run computes exactly
+    what a "constant" run of the same lr computed up to ``steps - decay_steps``, so a constant-lr
+    stage can be lengthened and annealed by resuming its last checkpoint."""
     warmup = config.warmup_steps
     if config.schedule == "cosine":
         from diffusers.optimization import get_cosine_schedule_with_warmup
 
         return get_cosine_schedule_with_warmup(optimizer, warmup, max(config.steps, warmup + 1))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    decay_from = config.steps - config.decay_steps if config.schedule == "wsd" else None
+
+    def factor(step: int) -> float:
+        scale = min(1.0, (step + 1) / warmup) if warmup else 1.0
+        if decay_from is not None and step >= decay_from:
+            scale *= max(0.0, (config.steps - step) / max(1, config.decay_steps))
+        return scale
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 class EMA:
@@ -261,6 +274,9 @@ def train(step_fn: StepFn, modules: dict[str, torch.nn.Module], *, config: LoopC
         state = load_checkpoint(last_good, modules)
         saved_loop = {k: v for k, v in state["config"].get("loop", {}).items() if k != "steps"}
         changed = sorted(k for k, v in json.loads(json.dumps(asdict(cfg))).items() if k in saved_loop and saved_loop[k] != v)
+        if (changed == ["decay_steps", "schedule"] and saved_loop["schedule"] == "constant" and cfg.schedule == "wsd"
+                and state["step"] <= cfg.steps - cfg.decay_steps):
+            changed = []  # a constant run extended and annealed: "wsd" computed the same steps so far
         if changed:
             log.warning("resuming %s with changed loop settings %s; the result will differ from an "
                         "uninterrupted run", last_good, changed)

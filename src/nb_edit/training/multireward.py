@@ -36,7 +36,7 @@ from nb_edit.images import to_tensor
 from nb_edit.models.loaders import load_autoencoder, load_editor, load_text_encoder
 from nb_edit.models.lora import attach_lora
 from nb_edit.rewards import NO_FAILURE, PERSPECTIVES, QUALITY_FAILURE, PRESERVING_FALLBACK, not_followed_text
-from nb_edit.training.loop import LoopConfig, train
+from nb_edit.training.loop import LoopConfig, make_optimizer, train
 
 VARIANTS = ("reward", "noreward")
 
@@ -50,7 +50,8 @@ class MultiRewardConfig(StageConfig):
     batch_size: int = 16
     lr: float = 5e-4
     betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 1e-2  # the paper's AdamW weight decay
+    weight_decay: float = 1e-2  # the paper's AdamW weight decay (on the LoRA; the condition module takes none)
+    condition_lr_scale: float = 1.0  # the new condition module's lr = lr * this (it starts at zero, the LoRA does not)
     optimizer: str = "adamw8bit"
     lora_rank: int = 16
     condition_dropout: float = 0.1  # scores and texts dropped together to "unknown"
@@ -80,6 +81,9 @@ class MultiRewardConfig(StageConfig):
         if self.variant not in VARIANTS:
             raise ValueError(f"MultiRewardConfig.variant={self.variant!r} is unknown; "
                              f"use one of {', '.join(VARIANTS)}.")
+        if not self.condition_lr_scale > 0:
+            raise ValueError(f"MultiRewardConfig.condition_lr_scale={self.condition_lr_scale} must be > 0 "
+                             "(1.0 trains the condition module at the LoRA's learning rate).")
         if not 0.0 <= self.condition_dropout < 1.0:
             raise ValueError(f"MultiRewardConfig.condition_dropout={self.condition_dropout} must be in [0, 1).")
         self.betas, self.low_scores = tuple(self.betas), tuple(self.low_scores)
@@ -166,9 +170,22 @@ class MultiRewardTrainer:
         loop = LoopConfig(steps=cfg.steps, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
                           optimizer=cfg.optimizer, grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay,
                           checkpoint_every=cfg.checkpoint_every, mixed_precision=cfg.mixed_precision, seed=cfg.seed)
-        # the loop's default optimizer takes every trainable parameter: the LoRA and the condition
         return train(self.step, {"editor": self.model}, config=loop, ckpt_dir=ckpt_dir, batch_fn=self.batch,
-                     run_config=cfg.to_dict(), progress=progress)
+                     optimizers={"main": make_optimizer(self.param_groups(), loop)}, run_config=cfg.to_dict(),
+                     progress=progress)
+
+    def param_groups(self) -> list[dict]:
+        """Two groups: the LoRA (``lr``, ``weight_decay``) and the reward-condition module, which
+        starts from zero (its output layers are zero-initialised, eq. 3) and has no pretrained
+        value to stay near: ``lr * condition_lr_scale`` and no weight decay."""
+        condition = getattr(self.model, "condition", None)
+        cond_ids = {id(p) for p in condition.parameters()} if condition is not None else set()
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in trainable if id(p) not in cond_ids]}]
+        if cond_ids:
+            groups.append({"params": [p for p in trainable if id(p) in cond_ids],
+                           "lr": self.cfg.lr * self.cfg.condition_lr_scale, "weight_decay": 0.0})
+        return groups
 
 
 def train_multireward(cfg: MultiRewardConfig, dataset, ckpt_dir: Path, device: torch.device | None = None,

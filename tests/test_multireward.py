@@ -304,6 +304,25 @@ def test_condition_module_trains_at_its_own_lr_without_weight_decay(stage):
         cfg.replace(condition_lr_scale=0.0)
 
 
+def test_condition_use_is_zero_at_init_and_moves_with_the_condition(stage):
+    from nb_edit.training.multireward import MultiRewardConfig, MultiRewardTrainer, condition_use
+
+    cfg = MultiRewardConfig.for_profile("smoke", editor_id=str(stage["root"] / "noisy"))
+    trainer = MultiRewardTrainer(cfg, stage["annotated"])
+    at_init = condition_use(trainer.pipe, stage["annotated"], max_score=5.1, repeats=2)
+    assert at_init["n"] == len(stage["annotated"])  # every score is below 5.1
+    assert math.isfinite(at_init["loss_own"]) and at_init["gap"] == 0.0  # zero-initialised: no effect
+    condition = trainer.model.condition
+    with torch.no_grad():
+        for layer in (condition.to_time, condition.attention.to_out[0]):
+            layer.weight.normal_(0, 0.2)
+    moved = condition_use(trainer.pipe, stage["annotated"], max_score=5.1, repeats=2)
+    assert moved["loss_own"] != moved["loss_best"] and moved["gap"] == moved["loss_best"] - moved["loss_own"]
+    assert condition_use(trainer.pipe, stage["annotated"], max_score=-1.0)["n"] == 0.0
+    plain = MultiRewardTrainer(cfg.replace(variant="noreward"), stage["annotated"])
+    assert math.isnan(condition_use(plain.pipe, stage["annotated"], max_score=5.1)["gap"])
+
+
 @pytest.mark.bad_input
 def test_multireward_refuses_bad_config_and_unannotated_data(stage, tmp_path):
     from nb_edit.training.multireward import MultiRewardConfig, train_multireward

@@ -222,3 +222,36 @@ def compare_conditions(pipe: RewardEditPipeline, dataset, cfg: MultiRewardConfig
         out[name] = {k: float(np.mean([getattr(v, k) for v in verdicts]))
                      for k in ("followed", "preserved", "quality", "success")}
     return out
+
+
+@torch.no_grad()
+def condition_use(pipe: RewardEditPipeline, dataset, n: int = 128, max_score: float = 2.5, repeats: int = 4,
+                  seed: int = 0) -> dict[str, float]:
+    """Does the trained editor use its condition? The flow-matching loss (eq. 4) on annotated
+    triplets judged as not followed (following score below ``max_score``), once under their own
+    annotation and once under the best condition, with the same noise and times.
+
+    An editor that reads the condition fits a failed target better when told that it failed:
+    ``gap = loss_best - loss_own > 0``. A gap near 0 means the condition changes nothing.
+    Returns ``{"loss_own", "loss_best", "gap", "n"}`` (NaN losses when no triplet qualifies).
+    """
+    records = list(dataset)
+    rows = [i for i, r in enumerate(records)
+            if isinstance((r.rewards or {}).get("following"), (int, float)) and r.rewards["following"] < max_score][:n]
+    if not rows or not pipe.uses_reward:
+        return {"loss_own": float("nan"), "loss_best": float("nan"), "gap": float("nan"), "n": float(len(rows))}
+    samples = [dataset.load(i) for i in rows]
+    sources = to_tensor(np.stack([s["source"] for s in samples])).to(pipe.device)
+    x0 = pipe.autoencoder.encode(to_tensor(np.stack([s["target"] for s in samples])).to(pipe.device))
+    instructions = [records[i].instruction for i in rows]
+    own = [record_condition(records[i].rewards) for i in rows]
+    settings = {"own": (np.array([s for s, _ in own], dtype=np.float32), [t for _, t in own]),
+                "best": (np.tile(np.asarray(BEST_SCORES, dtype=np.float32), (len(rows), 1)), [BEST_TEXT] * len(rows))}
+    losses = {}
+    for name, (scores, texts) in settings.items():
+        cond = pipe.condition(instructions, sources, scores=scores, failure_texts=texts)
+        losses[name] = float(np.mean([flow_matching_loss(pipe.velocity_fn(cond), x0,
+                                                         torch.Generator().manual_seed(seed * 1000 + k)).item()
+                                      for k in range(repeats)]))
+    return {"loss_own": losses["own"], "loss_best": losses["best"], "gap": losses["best"] - losses["own"],
+            "n": float(len(rows))}

@@ -342,6 +342,9 @@ def test_record_condition_and_low_score_control():
     scores, text = record_condition({"following": 2.0, "following_text": "the red circle is not blue", "quality": 4})
     assert scores[0] == 2.0 and math.isnan(scores[1]) and scores[2] == 4.0  # a missing score is unknown
     assert text == "the red circle is not blue; None; None"
+    # numpy scalars (the oracle's graded scores) are numbers; text and booleans are not scores
+    scores, _ = record_condition({"following": np.float32(1.25), "preserving": "high", "quality": True})
+    assert scores[0] == 1.25 and math.isnan(scores[1]) and math.isnan(scores[2])
     rows, texts = low_condition(["make the red circle blue"], ["colour"], scores=(1, 1, 1))
     assert rows.tolist() == [[1.0, 1.0, 1.0]]
     assert texts[0].startswith("the red circle is not blue; ") and "None" not in texts[0]

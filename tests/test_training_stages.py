@@ -166,3 +166,36 @@ def test_pretrain_judge_refuses_to_start_before_the_editors(tmp_path, monkeypatc
     with pytest.raises(SystemExit, match="--only clean,noisy"):
         pretrain_all.run(parts=["judge"], profile="smoke", root=tmp_path / "pretrained")
     assert not (tmp_path / "pretrained" / ".judge.partial").exists()  # nothing half-made is left behind
+
+
+def test_evaluate_pool_reads_each_score_question_over_its_own_digits(monkeypatch):
+    """A 1-5 question's expected score ignores the "0" token: here "0" takes almost all the mass,
+    more of it the higher the label, so a 0-5 reading would rank the outputs backwards."""
+    from types import SimpleNamespace
+
+    from nb_edit.models.judge import VLMJudge, single_token_id
+    from nb_edit.training import pretrain_judge
+    from nb_edit.world import WorldConfig
+
+    judge = VLMJudge.tiny("llava", pretrain_judge.judge_tokenizer(WorldConfig()), image_size=32, vision_layers=1,
+                          text_layers=1)
+    labels = [1, 2, 3, 4, 5, 2, 4, 5]
+    n = len(labels)
+    pool = SimpleNamespace(tensors={"source": torch.zeros(n, 32, 32, 3, dtype=torch.uint8),
+                                    "output": torch.zeros(n, 32, 32, 3, dtype=torch.uint8)},
+                           meta={"question": ["q"] * n, "answer": [str(v) for v in labels], "kind": ["if_score"] * n})
+
+    def fake_logits(judge_, source, output, qs):
+        logits = torch.full((len(qs), judge.model.config.text_config.vocab_size), -50.0)
+        for row in range(len(qs)):
+            label = labels[fake_logits.offset + row]
+            logits[row, single_token_id(judge.tokenizer, "0")] = 20.0 + label
+            logits[row, single_token_id(judge.tokenizer, str(label))] = 5.0
+        fake_logits.offset += len(qs)
+        return logits
+
+    fake_logits.offset = 0
+    monkeypatch.setattr(pretrain_judge, "qa_logits", fake_logits)
+    result = pretrain_judge.evaluate_pool(judge, pool, batch=3)
+    assert result["acc_if_score"] == 0.0  # argmax is "0", never the label
+    assert result["spearman_if_score"] == pytest.approx(1.0)

@@ -112,6 +112,9 @@ def edit_examples(edit: world.Edit, output: np.ndarray, cfg: world.WorldConfig,
 
 
 SCORE_KINDS = ("following_score", "preserving_score", "if_score", "cc_score")
+# the digits each score question answers with (Multi-Reward and quality 0-5, MT-EditFlow 1-5)
+SCORE_RANGES = {"quality": (0, 5), "following_score": (0, 5), "preserving_score": (0, 5),
+                "if_score": (1, 5), "cc_score": (1, 5), "cc_chain": (1, 5)}
 
 
 def _digit(value) -> str:

@@ -274,7 +274,8 @@ def train(step_fn: StepFn, modules: dict[str, torch.nn.Module], *, config: LoopC
         state = load_checkpoint(last_good, modules)
         saved_loop = {k: v for k, v in state["config"].get("loop", {}).items() if k != "steps"}
         changed = sorted(k for k, v in json.loads(json.dumps(asdict(cfg))).items() if k in saved_loop and saved_loop[k] != v)
-        if (changed == ["decay_steps", "schedule"] and saved_loop["schedule"] == "constant" and cfg.schedule == "wsd"
+        if (changed and set(changed) <= {"decay_steps", "schedule"} and saved_loop.get("schedule") == "constant"
+                and cfg.schedule == "wsd"
                 and state["step"] <= cfg.steps - cfg.decay_steps):
             changed = []  # a constant run extended and annealed: "wsd" computed the same steps so far
         if changed:

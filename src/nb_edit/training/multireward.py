@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -89,10 +90,15 @@ class MultiRewardConfig(StageConfig):
         self.betas, self.low_scores = tuple(self.betas), tuple(self.low_scores)
 
 
+def _score(value) -> float:
+    """A stored score as a float (numpy scalars included); NaN when missing or not a number."""
+    return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else float("nan")
+
+
 def record_condition(rewards: dict | None) -> tuple[list[float], str]:
     """(scores [3] with NaN for a missing one, joined failure text) of one record's ``rewards``."""
     rewards = rewards or {}
-    scores = [float(rewards[p]) if isinstance(rewards.get(p), (int, float)) else float("nan") for p in PERSPECTIVES]
+    scores = [_score(rewards.get(p)) for p in PERSPECTIVES]
     text = join_failure_texts(*(str(rewards.get(f"{p}_text", NO_FAILURE)) for p in PERSPECTIVES))
     return scores, text
 
@@ -237,7 +243,7 @@ def condition_use(pipe: RewardEditPipeline, dataset, n: int = 128, max_score: fl
     """
     records = list(dataset)
     rows = [i for i, r in enumerate(records)
-            if isinstance((r.rewards or {}).get("following"), (int, float)) and r.rewards["following"] < max_score][:n]
+            if _score((r.rewards or {}).get("following")) < max_score][:n]
     if not rows or not pipe.uses_reward:
         return {"loss_own": float("nan"), "loss_best": float("nan"), "gap": float("nan"), "n": float(len(rows))}
     samples = [dataset.load(i) for i in rows]

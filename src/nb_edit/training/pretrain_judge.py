@@ -60,6 +60,7 @@ class JudgeConfig(StageConfig):
     perception_steps: int = 300
     align_steps: int = 500
     qa_steps: int = 5000
+    qa_decay_steps: int = 0  # > 0: stage 3 anneals qa_lr linearly to 0 over its last steps ("wsd")
     batch_size: int = 64
     lr: float = 1e-3
     qa_lr: float = 5e-4
@@ -70,7 +71,8 @@ class JudgeConfig(StageConfig):
     eval_size: int = 1000
     presence_share: float = 0.15  # share of single-image presence questions
     feedback_steps: int = 3000  # stage 4: score questions and the editors' own outputs
-    feedback_schedule: str = "cosine"  # stage 4 anneals the learning rate to 0 (stage 3 keeps it constant)
+    feedback_schedule: str = "cosine"  # stage 4 anneals the learning rate to 0
+    feedback_lr_scale: float = 1.0  # stage 4's lr = qa_lr * this
     feedback_pool: int = 20000
     score_share: float = 0.5  # share of stage-4 edit questions that ask for a score
     chain_share: float = 0.1  # share of stage-4 examples that are multi-turn CC questions
@@ -100,14 +102,18 @@ def build_pool(cfg: JudgeConfig, n: int, seed: int) -> cache.Artifact:
 
     def build():
         rng = np.random.default_rng(seed)
-        examples = judge_qa.qa_batch(wcfg, rng, n, edit_share=1.0 - cfg.presence_share)
-        tensors = {"source": torch.from_numpy(np.stack([e.source for e in examples])),
-                   "output": torch.from_numpy(np.stack([e.output for e in examples]))}
-        meta = {"question": [e.question for e in examples], "answer": [e.answer for e in examples],
-                "kind": [e.kind for e in examples]}
-        return tensors, meta
+        return _pool_content(judge_qa.qa_batch(wcfg, rng, n, edit_share=1.0 - cfg.presence_share))
 
     return cache.ensure("judge_qa_pool", key, build)
+
+
+def _pool_content(examples, **extra_meta) -> tuple[dict[str, torch.Tensor], dict[str, list]]:
+    """A pool artifact's (tensors, meta): the image stacks, then question, answer and kind columns."""
+    tensors = {"source": torch.from_numpy(np.stack([e.source for e in examples])),
+               "output": torch.from_numpy(np.stack([e.output for e in examples]))}
+    meta = {"question": [e.question for e in examples], "answer": [e.answer for e in examples],
+            "kind": [e.kind for e in examples], **extra_meta}
+    return tensors, meta
 
 
 def _editor_fingerprint(editors_root: Path, names) -> str:
@@ -152,11 +158,7 @@ def build_feedback_pool(cfg: JudgeConfig, n: int, seed: int, editors_root: Path 
                                  steps=4, seed=seed + 1000 * i, desc=f"judge pool: {name} editor")
             examples += [judge_qa.pick_example(e, o, wcfg, rng, cfg.score_share) for e, o in zip(edits, outputs)]
             origin += ["editor"] * count
-        tensors = {"source": torch.from_numpy(np.stack([e.source for e in examples])),
-                   "output": torch.from_numpy(np.stack([e.output for e in examples]))}
-        meta = {"question": [e.question for e in examples], "answer": [e.answer for e in examples],
-                "kind": [e.kind for e in examples], "origin": origin}
-        return tensors, meta
+        return _pool_content(examples, origin=origin)
 
     return cache.ensure("judge_feedback_pool", key, build)
 
@@ -307,8 +309,10 @@ def qa_forward(judge: VLMJudge, source: torch.Tensor, output: torch.Tensor, qs: 
 
 
 def train_questions(judge: VLMJudge, cfg: JudgeConfig, pool: cache.Artifact, ckpt_dir: Path,
-                    steps: int | None = None, schedule: str = "constant") -> list[dict]:
-    """Stages 3 and 4: answer-token cross-entropy on ``pool`` (``steps`` default ``cfg.qa_steps``)."""
+                    steps: int | None = None, schedule: str | None = None, lr_scale: float = 1.0) -> list[dict]:
+    """Stages 3 and 4: answer-token cross-entropy on ``pool``. Stage 3 (the defaults): ``cfg.qa_steps``
+    at ``qa_lr``, annealed over the last ``cfg.qa_decay_steps`` when that is > 0 ("wsd", which a
+    finished constant-lr stage 3 extends by resuming)."""
     n = pool.tensors["source"].shape[0]
     qs, answers = pool.meta["question"], pool.meta["answer"]
     targets = answer_ids(judge, answers)
@@ -316,8 +320,8 @@ def train_questions(judge: VLMJudge, cfg: JudgeConfig, pool: cache.Artifact, ckp
     heads = torch.nn.Linear(judge.model.config.text_config.hidden_size, dense.shape[-1])  # discarded after training
     vision = [p for n_, p in judge.model.named_parameters() if "vision_tower" in n_]
     rest = [p for n_, p in judge.model.named_parameters() if "vision_tower" not in n_] + list(heads.parameters())
-    optimizer = torch.optim.AdamW([{"params": rest, "lr": cfg.qa_lr},
-                                   {"params": vision, "lr": cfg.qa_lr * cfg.vision_lr_scale}], lr=cfg.qa_lr)
+    lr = cfg.qa_lr * lr_scale
+    optimizer = torch.optim.AdamW([{"params": rest, "lr": lr}, {"params": vision, "lr": lr * cfg.vision_lr_scale}], lr=lr)
     align_cfg = dataclasses.replace(cfg, batch_size=max(1, cfg.batch_size // 4), seed=cfg.seed + 1)
 
     def batch_fn(step):
@@ -337,8 +341,11 @@ def train_questions(judge: VLMJudge, cfg: JudgeConfig, pool: cache.Artifact, ckp
         return {"loss": loss, "answer_loss": answer, "aux_loss": aux, "describe_loss": describe,
                 "acc": (logits.argmax(-1) == target).float().mean()}
 
-    loop = LoopConfig(steps=cfg.qa_steps if steps is None else steps, lr=cfg.qa_lr, optimizer="adamw",
-                      grad_clip=1.0, warmup_steps=50, checkpoint_every=250, seed=cfg.seed, schedule=schedule)
+    steps = cfg.qa_steps if steps is None else steps
+    schedule = schedule or ("wsd" if cfg.qa_decay_steps else "constant")
+    loop = LoopConfig(steps=steps, lr=lr, optimizer="adamw", grad_clip=1.0, warmup_steps=50,
+                      checkpoint_every=250, seed=cfg.seed, schedule=schedule,
+                      decay_steps=min(cfg.qa_decay_steps, steps) if schedule == "wsd" else 0)
     return list(train(step_fn, {"judge": judge.model, "heads": heads}, config=loop, ckpt_dir=ckpt_dir,
                       batch_fn=batch_fn, optimizers={"main": optimizer}, run_config=cfg.to_dict()))
 
@@ -348,31 +355,36 @@ def evaluate_pool(judge: VLMJudge, pool: cache.Artifact, batch: int = 128) -> di
     """Accuracy per question kind on a held-out pool (answer = argmax over the vocabulary).
 
     Score questions also get ``spearman_<kind>``: the rank correlation of the judge's expected
-    score (over the digit tokens) with the oracle's label. A pool with an ``origin`` column adds
-    ``acc_editor_<kind>`` on the editors' outputs alone.
+    score (``rewards_math.expected_score`` over the digits of that question's range,
+    ``judge_qa.SCORE_RANGES``, as the rewards read it) with the oracle's label. A pool with an
+    ``origin`` column adds ``acc_editor_<kind>`` on the editors' outputs alone.
     """
     from nb_edit.models.judge import single_token_id
+    from nb_edit.rewards_math import expected_score
     from scipy.stats import spearmanr
 
     qs, answers, kinds = pool.meta["question"], pool.meta["answer"], pool.meta["kind"]
     origin = pool.meta.get("origin", ["synthetic"] * len(qs))
     targets = answer_ids(judge, answers)
-    digits = list(range(6))
-    digit_ids = [single_token_id(judge.tokenizer, str(d)) for d in digits]
-    correct, expected = [], []
+    correct, logits_rows = [], []
     for start in range(0, len(qs), batch):
         idx = np.arange(start, min(start + batch, len(qs)))
         logits = qa_logits(judge, pool.tensors["source"][idx], pool.tensors["output"][idx], [qs[i] for i in idx])
         correct += (logits.argmax(-1) == targets[idx]).tolist()
-        expected += (logits[:, digit_ids].softmax(-1) @ torch.tensor(digits, dtype=torch.float32)).tolist()
+        logits_rows.append(logits)
+    logits = torch.cat(logits_rows)
     result = {}
     for kind in sorted(set(kinds)):
         rows = [i for i, k in enumerate(kinds) if k == kind]
         result[f"acc_{kind}"] = float(np.mean([correct[i] for i in rows]))
-        if kind.endswith("_score") or kind in ("quality", "cc_chain"):
+        if kind in judge_qa.SCORE_RANGES:
             labels = [float(answers[i]) for i in rows]
+            lo, hi = judge_qa.SCORE_RANGES[kind]
+            digits = list(range(lo, hi + 1))
+            digit_ids = [single_token_id(judge.tokenizer, str(d)) for d in digits]
+            expected = expected_score(logits[rows][:, digit_ids], digits).tolist()
             if len(set(labels)) > 1:
-                result[f"spearman_{kind}"] = float(spearmanr([expected[i] for i in rows], labels).statistic)
+                result[f"spearman_{kind}"] = float(spearmanr(expected, labels).statistic)
         editor_rows = [i for i in rows if origin[i] == "editor"]
         if editor_rows and len(editor_rows) < len(rows):
             result[f"acc_editor_{kind}"] = float(np.mean([correct[i] for i in editor_rows]))
@@ -394,7 +406,7 @@ def train_judge(cfg: JudgeConfig, out_dir: Path, ckpt_dir: Path, editors_root: P
     questions_history = train_questions(judge, cfg, pool, ckpt_dir / "questions")
     feedback = build_feedback_pool(cfg, cfg.feedback_pool, seed=cfg.seed, editors_root=editors_root)
     history = train_questions(judge, cfg, feedback, ckpt_dir / "feedback", steps=cfg.feedback_steps,
-                              schedule=cfg.feedback_schedule)
+                              schedule=cfg.feedback_schedule, lr_scale=cfg.feedback_lr_scale)
     judge.model.eval()
     held_out = evaluate_pool(judge, build_pool(cfg, cfg.eval_size, seed=cfg.seed + 10_000))
     held_out_feedback = evaluate_pool(judge, build_feedback_pool(cfg, cfg.eval_size, seed=cfg.seed + 10_000,

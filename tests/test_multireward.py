@@ -285,6 +285,23 @@ def test_multireward_trains_both_variants(stage, tmp_path, variant):
     assert set(rates) == {"best", "low"} and all(0.0 <= v <= 1.0 for r in rates.values() for v in r.values())
 
 
+def test_full_fine_tuning_trains_every_editor_weight_and_resumes(stage, tmp_path):
+    from nb_edit.training.multireward import MultiRewardConfig, train_multireward
+
+    cfg = MultiRewardConfig.for_profile("smoke", editor_id=str(stage["root"] / "noisy"), lora_rank=0)
+    pipe, history = train_multireward(cfg, stage["annotated"], tmp_path / "ckpt", progress=False)
+    editor = pipe.model.editor
+    assert all(p.requires_grad for p in editor.parameters())
+    assert not any("lora_" in n for n, _ in editor.named_parameters())
+    weights = {n: p.detach().clone() for n, p in editor.named_parameters()}
+    again, _ = train_multireward(cfg, stage["annotated"], tmp_path / "ckpt", progress=False)  # finished: restored
+    assert all(torch.equal(weights[n], p) for n, p in again.model.editor.named_parameters())
+    fresh, _ = train_multireward(cfg.replace(steps=0), stage["annotated"], tmp_path / "untrained", progress=False)
+    assert any(not torch.equal(weights[n], p) for n, p in fresh.model.editor.named_parameters())  # it trained
+    with pytest.raises(ValueError, match="lora_rank"):
+        cfg.replace(lora_rank=-1)
+
+
 def test_condition_module_trains_at_its_own_lr_without_weight_decay(stage):
     from nb_edit.training.multireward import MultiRewardConfig, MultiRewardTrainer
 

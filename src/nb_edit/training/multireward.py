@@ -54,7 +54,7 @@ class MultiRewardConfig(StageConfig):
     weight_decay: float = 1e-2  # the paper's AdamW weight decay (on the LoRA; the condition module takes none)
     condition_lr_scale: float = 1.0  # the new condition module's lr = lr * this (it starts at zero, the LoRA does not)
     optimizer: str = "adamw8bit"
-    lora_rank: int = 16
+    lora_rank: int = 16  # 0 trains every weight of the editor (full fine-tuning, as the paper does)
     condition_dropout: float = 0.1  # scores and texts dropped together to "unknown"
     score_dim: int = 32  # sinusoidal embedding width per score
     hidden_dim: int = 64  # reward-condition width
@@ -85,6 +85,8 @@ class MultiRewardConfig(StageConfig):
         if not self.condition_lr_scale > 0:
             raise ValueError(f"MultiRewardConfig.condition_lr_scale={self.condition_lr_scale} must be > 0 "
                              "(1.0 trains the condition module at the LoRA's learning rate).")
+        if self.lora_rank < 0:
+            raise ValueError(f"MultiRewardConfig.lora_rank={self.lora_rank} must be >= 0 (0 = full fine-tuning).")
         if not 0.0 <= self.condition_dropout < 1.0:
             raise ValueError(f"MultiRewardConfig.condition_dropout={self.condition_dropout} must be in [0, 1).")
         self.betas, self.low_scores = tuple(self.betas), tuple(self.low_scores)
@@ -126,7 +128,10 @@ class MultiRewardTrainer:
         self.device = device or torch.device("cpu")
         folder = cfg.editor_id or paths.pretrained_dir() / "noisy"
         self.editor = load_editor(folder, cfg.backbone).to(self.device)
-        attach_lora(self.editor, cfg.lora_rank)  # freezes the base; the adapter starts at zero
+        if cfg.lora_rank > 0:
+            attach_lora(self.editor, cfg.lora_rank)  # freezes the base; the adapter starts at zero
+        else:
+            self.editor.requires_grad_(True)  # full fine-tuning: the checkpoints keep every weight
         text_encoder = load_text_encoder(folder).to(self.device).requires_grad_(False)
         model = self.editor
         if cfg.variant == "reward":
@@ -181,7 +186,8 @@ class MultiRewardTrainer:
                      progress=progress)
 
     def param_groups(self) -> list[dict]:
-        """Two groups: the LoRA (``lr``, ``weight_decay``) and the reward-condition module, which
+        """Two groups: the editor's trainable weights, its LoRA or (``lora_rank=0``) all of them
+        (``lr``, ``weight_decay``), and the reward-condition module, which
         starts from zero (its output layers are zero-initialised, eq. 3) and has no pretrained
         value to stay near: ``lr * condition_lr_scale`` and no weight decay."""
         condition = getattr(self.model, "condition", None)

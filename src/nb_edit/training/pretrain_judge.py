@@ -366,13 +366,15 @@ def evaluate_pool(judge: VLMJudge, pool: cache.Artifact, batch: int = 128) -> di
     qs, answers, kinds = pool.meta["question"], pool.meta["answer"], pool.meta["kind"]
     origin = pool.meta.get("origin", ["synthetic"] * len(qs))
     targets = answer_ids(judge, answers)
-    correct, logits_rows = [], []
+    top = max(hi for _, hi in judge_qa.SCORE_RANGES.values())
+    digit_ids = [single_token_id(judge.tokenizer, str(d)) for d in range(top + 1)]
+    correct, digit_rows = [], []
     for start in range(0, len(qs), batch):
         idx = np.arange(start, min(start + batch, len(qs)))
         logits = qa_logits(judge, pool.tensors["source"][idx], pool.tensors["output"][idx], [qs[i] for i in idx])
         correct += (logits.argmax(-1) == targets[idx]).tolist()
-        logits_rows.append(logits)
-    logits = torch.cat(logits_rows)
+        digit_rows.append(logits[:, digit_ids])  # the digit columns are all the scores read
+    digit_logits = torch.cat(digit_rows)
     result = {}
     for kind in sorted(set(kinds)):
         rows = [i for i, k in enumerate(kinds) if k == kind]
@@ -381,8 +383,7 @@ def evaluate_pool(judge: VLMJudge, pool: cache.Artifact, batch: int = 128) -> di
             labels = [float(answers[i]) for i in rows]
             lo, hi = judge_qa.SCORE_RANGES[kind]
             digits = list(range(lo, hi + 1))
-            digit_ids = [single_token_id(judge.tokenizer, str(d)) for d in digits]
-            expected = expected_score(logits[rows][:, digit_ids], digits).tolist()
+            expected = expected_score(digit_logits[rows][:, lo:hi + 1], digits).tolist()
             if len(set(labels)) > 1:
                 result[f"spearman_{kind}"] = float(spearmanr(expected, labels).statistic)
         editor_rows = [i for i in rows if origin[i] == "editor"]

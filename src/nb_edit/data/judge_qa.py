@@ -128,10 +128,11 @@ def score_examples(edit: world.Edit, output: np.ndarray, cfg: world.WorldConfig,
     source = world.render(edit.source, cfg)
     verdict = verdict or world.judge(source, edit, output, cfg)
     i, f, p, q = edit.instruction, verdict.followed, verdict.preserved, verdict.quality
-    return [QAExample(source, output, questions.FOLLOWING_SCORE.format(instruction=i), _digit(world.graded_score(f, q, 0, 5)), "following_score"),
-            QAExample(source, output, questions.PRESERVING_SCORE.format(instruction=i), _digit(world.graded_score(p, q, 0, 5)), "preserving_score"),
-            QAExample(source, output, questions.IF_SCORE.format(instruction=i), _digit(world.graded_score(f, q, 1, 5)), "if_score"),
-            QAExample(source, output, questions.CC_SCORE.format(instruction=i), _digit(world.graded_score(p, q, 1, 5)), "cc_score")]
+    asked = {"following_score": (questions.FOLLOWING_SCORE, f), "preserving_score": (questions.PRESERVING_SCORE, p),
+             "if_score": (questions.IF_SCORE, f), "cc_score": (questions.CC_SCORE, p)}
+    return [QAExample(source, output, template.format(instruction=i),
+                      _digit(world.graded_score(flag, q, *SCORE_RANGES[kind])), kind)
+            for kind, (template, flag) in asked.items()]
 
 
 def chain_example(scene: world.Scene, rng: np.random.Generator, cfg: world.WorldConfig, kind: str) -> QAExample:
@@ -149,7 +150,7 @@ def chain_example(scene: world.Scene, rng: np.random.Generator, cfg: world.World
     verdict = world.judge(world.render(last.source, cfg), last, output, cfg)
     joined = TURN_JOINER.join(e.instruction for e in chain)
     return QAExample(world.render(chain[0].source, cfg), output, questions.CC_SCORE.format(instruction=joined),
-                     _digit(world.graded_score(verdict.preserved, verdict.quality, 1, 5)), "cc_chain")
+                     _digit(world.graded_score(verdict.preserved, verdict.quality, *SCORE_RANGES["cc_chain"])), "cc_chain")
 
 
 def pick_example(edit: world.Edit, output: np.ndarray, cfg: world.WorldConfig, rng: np.random.Generator,

@@ -258,7 +258,7 @@ def condition_use(pipe: RewardEditPipeline, dataset, n: int = 128, max_score: fl
     instructions = [records[i].instruction for i in rows]
     own = [record_condition(records[i].rewards) for i in rows]
     settings = {"own": (np.array([s for s, _ in own], dtype=np.float32), [t for _, t in own]),
-                "best": (np.tile(np.asarray(BEST_SCORES, dtype=np.float32), (len(rows), 1)), [BEST_TEXT] * len(rows))}
+                "best": (BEST_SCORES, BEST_TEXT)}  # one condition for every row, as the pipeline takes it
     losses = {}
     for name, (scores, texts) in settings.items():
         cond = pipe.condition(instructions, sources, scores=scores, failure_texts=texts)

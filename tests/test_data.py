@@ -364,3 +364,25 @@ def test_noisy_and_multiturn_sets(cfg, tmp_path):
         assert [r.turn for r in turns] == [0, 1, 2] and len({r.split for r in turns}) == 1
         for before, after in zip(turns, turns[1:]):
             assert after.source == before.target  # turn t edits turn t-1's result
+
+
+def test_a_longer_multiturn_test_split_starts_with_the_usual_one(smoke_data, monkeypatch, tmp_path):
+    """``multiturn_test(settings, n)`` draws the test split from its fixed seed: its first
+    sequences are the run's own test sequences, and it leaves the run's datasets alone."""
+    from nb_edit.config import RunSettings
+    from nb_edit.data.world_datasets import multiturn_test
+
+    monkeypatch.setenv("NB_EDIT_CACHE", str(tmp_path))
+    settings = RunSettings.for_profile("smoke")
+    usual = smoke_data["multiturn"].split("test")
+    longer = multiturn_test(settings, 2 * settings.n_test_sequences)
+    assert len(usual) == 3 * settings.n_test_sequences  # three turns per sequence
+    assert len(longer) == 2 * len(usual)
+    for i in range(len(usual)):
+        a, b = usual.load(i), longer.load(i)
+        assert a["instruction"] == b["instruction"] and a["sequence_id"] == b["sequence_id"]
+        assert np.array_equal(a["source"], b["source"]) and np.array_equal(a["target"], b["target"])
+    same = multiturn_test(settings)
+    assert [same.load(i)["instruction"] for i in range(len(same))] == [usual.load(i)["instruction"] for i in range(len(usual))]
+    with pytest.raises(ValueError, match="positive integer"):
+        multiturn_test(settings, 0)

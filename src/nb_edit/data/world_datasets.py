@@ -49,3 +49,23 @@ def shapesworld(settings: Any, seed: int = 0, validity_filter: ValidityFilter | 
     out["curation_metrics"] = json.loads((root / "curation.json").read_text())
     out["root"] = root
     return out
+
+
+def multiturn_test(settings: Any, n: int | None = None, cfg: world.WorldConfig | None = None):
+    """The held-out multi-turn test sequences: the ``n_test_sequences`` of ``settings`` (the
+    ``multiturn`` dataset's test split), or ``n`` of them when given. The test split is drawn
+    from one fixed seed, so a longer split starts with the usual one; it is built on its own
+    under ``data/cache/shapesworld/`` and leaves the training datasets, and the checkpoints keyed
+    on them, as they are (a larger test set measures rare events, such as three turns in a row
+    right, that ``n_test_sequences`` is too small to see)."""
+    cfg = cfg or world.WorldConfig()
+    n = settings.n_test_sequences if n is None else n
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"multiturn_test: n={n!r} test sequences; pass a positive integer (or None for "
+                         f"settings.n_test_sequences = {settings.n_test_sequences}).")
+    root = paths.cache_dir() / "shapesworld" / cache.config_key(
+        {"what": "multiturn_test", "n_test_seq": n, "world": cfg.to_dict(), "version": 1})
+    if not (root / DONE).exists():
+        build_multiturn(root / "multiturn", cfg, {"test": n}, overwrite=True)
+        (root / DONE).write_text(json.dumps({"n_test_sequences": n}))
+    return read_dataset(root / "multiturn").split("test")

@@ -402,3 +402,20 @@ def test_a_finished_run_loads_without_a_training_step(smoke_data, tmp_path, monk
     texts = ["make the red circle blue"] * 3
     assert np.array_equal(loaded.edit(sources, texts, steps=2, seed=1),
                           trainer.edit_pipeline().edit(sources, texts, steps=2, seed=1))
+
+
+def test_trained_runs_finds_multireward_runs_made_with_notebook_06_overrides(smoke_data):
+    """Notebook 06's ``overrides`` win over its ``steps``; trained_runs composes them the same way."""
+    from nb_edit.training.multireward import MultiRewardConfig
+
+    source = " ".join(_notebook_source(trained_editors.NOTEBOOK["multireward"]).split())
+    assert "common = {**dict(seed=seed, editor_id=editor_id, steps=" in source and "**overrides}" in source
+    overrides = {"lora_rank": 0, "lr": 2e-4, "steps": 7}
+    plain = {r.name: r for r in trained_editors.trained_runs("smoke", 0, smoke_data, stages=["multireward"])}
+    found = {r.name: r for r in trained_editors.trained_runs("smoke", 0, smoke_data, stages=["multireward"],
+                                                             overrides=overrides)}
+    for variant in ("noreward", "reward"):
+        cfg = found[f"multireward_{variant}"].config
+        assert cfg == MultiRewardConfig.for_profile("smoke", variant=variant, seed=0, editor_id="", **overrides)
+        assert (cfg.steps, cfg.lora_rank, cfg.lr) == (7, 0, 2e-4)
+        assert plain[f"multireward_{variant}"].config.lora_rank != 0  # without overrides: the notebook's defaults

@@ -115,9 +115,11 @@ def reward_annotations(data: dict, judge_id: str = ""):
 
 def trained_runs(profile: str, seed: int, data: dict, *, steps: int = -1, judge_id: str = "",
                  teacher_id: str = "", editor_id: str = "", policy_id: str = "",
-                 stages: Sequence[str] = STAGES) -> list[TrainedRun]:
+                 overrides: dict | None = None, stages: Sequence[str] = STAGES) -> list[TrainedRun]:
     """Every run notebooks 05-07 make with these parameters (the notebooks' parameter names;
-    ``steps=-1`` means each notebook's own default), found or not in the artifact cache.
+    ``steps=-1`` means each notebook's own default; ``overrides`` are notebook 06's more
+    ``MultiRewardConfig`` settings, which win over ``steps`` as they do there), found or not in
+    the artifact cache.
 
     ``data`` is ``data.world_datasets.shapesworld(settings, seed=0)``, as the notebooks build it.
     """
@@ -140,8 +142,8 @@ def trained_runs(profile: str, seed: int, data: dict, *, steps: int = -1, judge_
     if "multireward" in stages:
         folder, annotated = reward_annotations(data, judge_id)
         for variant in MULTIREWARD_VARIANTS:
-            cfg = MultiRewardConfig.for_profile(profile, variant=variant, seed=seed, editor_id=editor_id,
-                                                steps=_steps("multireward", steps, resolved))
+            cfg = MultiRewardConfig.for_profile(profile, variant=variant, **{
+                **dict(seed=seed, editor_id=editor_id, steps=_steps("multireward", steps, resolved)), **(overrides or {})})
             ckpt = (cache.checkpoint_dir("multireward", {**cfg.to_dict(), "data": str(folder)})
                     if annotated is not None else None)
             missing = "" if annotated is not None else "notebook 06's judge annotations are not in the cache"

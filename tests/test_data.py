@@ -383,6 +383,7 @@ def test_a_longer_multiturn_test_split_starts_with_the_usual_one(smoke_data, mon
         assert a["instruction"] == b["instruction"] and a["sequence_id"] == b["sequence_id"]
         assert np.array_equal(a["source"], b["source"]) and np.array_equal(a["target"], b["target"])
     same = multiturn_test(settings)
-    assert [same.load(i)["instruction"] for i in range(len(same))] == [usual.load(i)["instruction"] for i in range(len(usual))]
+    instructions = lambda d: [d.load(i)["instruction"] for i in range(len(d))]  # noqa: E731
+    assert instructions(same) == instructions(usual)
     with pytest.raises(ValueError, match="positive integer"):
         multiturn_test(settings, 0)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nb_edit import world
-from nb_edit.conditioning import (BEST_TEXT, RewardCondition, RewardConditionedEditor, RewardEditPipeline,
+from nb_edit.conditioning import (BEST_TEXT, RewardCondition, RewardConditionedEditor, RewardEditPipeline, UNKNOWN_TEXT,
                                   RewardInputs, sinusoidal_embedding)
 from nb_edit.images import to_tensor, to_uint8
 from nb_edit.models.editors import build_editor
@@ -126,6 +126,47 @@ def test_pipeline_keeps_reward_in_every_cfg_branch_and_checks_scores():
         pipe.condition(["do nothing"], scores=(6, 5, 5))
     with pytest.raises(ValueError, match="3 numbers"):
         pipe.condition(["do nothing"], scores=(5, 5))
+
+
+
+def test_reward_guidance_is_cfg_over_the_reward_and_off_by_default():
+    """``reward_guidance = w``: ``v_text(c_R) + (w - 1) (v(c_R) - v(c_unknown))``; ``w = 1`` is the
+    paper's sampler, bit for bit; ``w = 0`` samples with the reward unknown."""
+    from nb_edit.models.autoencoders import PixelAutoencoder
+    from nb_edit.pipeline import EditPipeline
+
+    editor, model = _wrapped("unet")
+    with torch.no_grad():  # a condition the editor reads
+        for layer in (model.condition.to_time, model.condition.attention.to_out[0]):
+            layer.weight.normal_(0, 0.2)
+    pipe = RewardEditPipeline(model, _TextEncoderStub(), PixelAutoencoder())
+    texts, sources = ["make the red circle blue"] * 2, np.zeros((2, 32, 32, 3), np.uint8)
+    cond = pipe.condition(texts, torch.zeros(2, 3, 32, 32), scores=(1, 2, 3), failure_texts="x; y; z")
+    unknown = pipe.unknown_reward(cond)
+    assert torch.isnan(unknown.reward.scores).all() and unknown.text_states is cond.text_states
+    x, t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3)), torch.tensor([0.7, 0.7])
+    with torch.no_grad():
+        v_c, v_u = pipe.velocity_fn(cond)(x, t), pipe.velocity_fn(unknown)(x, t)
+        v_text = pipe.guided_velocity_fn(cond, 2.0)(x, t)
+        assert (v_c - v_u).abs().max() > 1e-3
+        torch.testing.assert_close(pipe.guided_velocity_fn(cond, 1.0, reward_guidance=3.0)(x, t),
+                                   v_u + 3.0 * (v_c - v_u))
+        torch.testing.assert_close(pipe.guided_velocity_fn(cond, 2.0, reward_guidance=3.0)(x, t),
+                                   v_text + 2.0 * (v_c - v_u))
+    plain = pipe.edit(sources, texts, steps=2, seed=1, scores=(1, 2, 3), failure_texts="x; y; z")
+    assert np.array_equal(plain, pipe.edit(sources, texts, steps=2, seed=1, scores=(1, 2, 3),
+                                           failure_texts="x; y; z", reward_guidance=1.0))
+    assert np.array_equal(pipe.edit(sources, texts, steps=2, seed=1, reward_guidance=0.0),
+                          pipe.edit(sources, texts, steps=2, seed=1, scores=np.full((2, 3), np.nan),
+                                    failure_texts=UNKNOWN_TEXT))
+    assert not np.array_equal(plain, pipe.edit(sources, texts, steps=2, seed=1, scores=(1, 2, 3),
+                                               failure_texts="x; y; z", reward_guidance=4.0))
+    with pytest.raises(ValueError, match="reward_guidance"):
+        pipe.edit(sources, texts, steps=2, reward_guidance=float("nan"))
+    # the no-reward baseline (a bare editor) accepts and ignores it, as it does the scores
+    bare = RewardEditPipeline(editor, _TextEncoderStub(), PixelAutoencoder())
+    assert np.array_equal(bare.edit(sources, texts, steps=2, seed=1, reward_guidance=4.0),
+                          EditPipeline.edit(bare, sources, texts, steps=2, seed=1))
 
 
 # ------------------------------------------------------------------------- failure texts

@@ -20,6 +20,12 @@ At inference the condition asks for the best: scores (5, 5, 5) and the text
 "None; None; None", in every classifier-free-guidance branch (:class:`RewardEditPipeline`).
 A score row holding NaN means "unknown" (conditioning dropout, or a score the judge failed on);
 its score embedding is a learned one.
+
+Reward guidance (an option beyond the paper, off by default): because conditioning dropout
+teaches the editor the "unknown" condition too, classifier-free guidance can also run over the
+reward, ``v = v_text(c_R) + (w - 1) (v(c_R) - v(c_unknown))`` (``edit(..., reward_guidance=w)``;
+with text guidance 1 this is ``v(c_unknown) + w (v(c_R) - v(c_unknown))``). ``w = 1`` is the
+paper's sampler; ``w > 1`` amplifies whatever the editor read from its condition.
 """
 
 from __future__ import annotations
@@ -34,8 +40,10 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import get_timestep_embedding
 from torch import Tensor, nn
 
-from nb_edit.images import to_tensor
+from nb_edit.dmd import cfg_velocity
+from nb_edit.images import to_tensor, to_uint8
 from nb_edit.pipeline import Conditioning, EditPipeline
+from nb_edit.sampling import euler_sample
 from nb_edit.rewards import NO_FAILURE
 
 BEST_SCORES = (5.0, 5.0, 5.0)
@@ -224,6 +232,31 @@ class RewardEditPipeline(EditPipeline):
         return RewardConditioning(null.text_states, null.pooled, null.source_latents, null.extra_time_embedding,
                                   getattr(cond, "reward", None))
 
+    def unknown_reward(self, cond: RewardConditioning) -> RewardConditioning:
+        """The same batch with the reward dropped to "unknown" (NaN scores, ``UNKNOWN_TEXT``), as
+        conditioning dropout shows it in training."""
+        batch = cond.text_states.shape[0]
+        unknown = self.reward_inputs(batch, np.full((batch, 3), np.nan, np.float32), UNKNOWN_TEXT)
+        return RewardConditioning(cond.text_states, cond.pooled, cond.source_latents, cond.extra_time_embedding,
+                                  unknown)
+
+    def guided_velocity_fn(self, cond: Conditioning, guidance: float = 1.0, model=None,
+                           reward_guidance: float = 1.0):
+        """Text CFG (:meth:`EditPipeline.guided_velocity_fn`, the requested reward in both branches),
+        plus reward guidance ``(w - 1) (v(c_R) - v(c_unknown))`` when ``reward_guidance = w != 1``."""
+        text_fn = super().guided_velocity_fn(cond, guidance, model)
+        if reward_guidance == 1.0 or not self.uses_reward or getattr(cond, "reward", None) is None:
+            return text_fn
+        if not np.isfinite(reward_guidance) or reward_guidance < 0:
+            raise ValueError(f"reward_guidance={reward_guidance!r}: give a finite number >= 0 (1 is the paper's "
+                             "sampler, 0 samples with the reward unknown).")
+        cond_fn = self.velocity_fn(cond, model)
+        unknown_fn = self.velocity_fn(self.unknown_reward(cond), model)
+        w = float(reward_guidance)
+        if guidance == 1.0:  # text_fn is cond_fn: one call less
+            return lambda x, t: cfg_velocity(cond_fn, unknown_fn, x, t, w)
+        return lambda x, t: text_fn(x, t) + (w - 1.0) * (cond_fn(x, t) - unknown_fn(x, t))
+
     def velocity_fn(self, cond: Conditioning, model=None):
         model = model or self.model
         reward = getattr(cond, "reward", None)
@@ -239,9 +272,13 @@ class RewardEditPipeline(EditPipeline):
     @torch.no_grad()
     def edit(self, sources: np.ndarray | Tensor, instructions: Sequence[str], steps: int = 4, seed: int = 0,
              guidance: float = 1.0, cond: Conditioning | None = None, scores=BEST_SCORES,
-             failure_texts=BEST_TEXT) -> np.ndarray:
-        """Edit with the requested reward: default (5, 5, 5) and "None; None; None"."""
+             failure_texts=BEST_TEXT, reward_guidance: float = 1.0) -> np.ndarray:
+        """Edit with the requested reward: default (5, 5, 5) and "None; None; None";
+        ``reward_guidance`` > 1 guides towards it (see the module's docstring)."""
+        src = sources if isinstance(sources, Tensor) else to_tensor(sources)
         if cond is None:
-            src = sources if isinstance(sources, Tensor) else to_tensor(sources)
             cond = self.condition(instructions, src, scores=scores, failure_texts=failure_texts)
-        return super().edit(sources, instructions, steps=steps, seed=seed, guidance=guidance, cond=cond)
+        noise = self.noise_like_latents(src.shape[0], src.shape[-1], seed)
+        x0 = euler_sample(self.guided_velocity_fn(cond, guidance, reward_guidance=reward_guidance), noise,
+                          self.sigmas(steps))
+        return to_uint8(self.autoencoder.decode(x0))

@@ -142,8 +142,9 @@ def trained_runs(profile: str, seed: int, data: dict, *, steps: int = -1, judge_
     if "multireward" in stages:
         folder, annotated = reward_annotations(data, judge_id)
         for variant in MULTIREWARD_VARIANTS:
-            cfg = MultiRewardConfig.for_profile(profile, variant=variant, **{
-                **dict(seed=seed, editor_id=editor_id, steps=_steps("multireward", steps, resolved)), **(overrides or {})})
+            settings = {**dict(seed=seed, editor_id=editor_id, steps=_steps("multireward", steps, resolved)),
+                        **(overrides or {})}  # as notebook 06 composes them: overrides win
+            cfg = MultiRewardConfig.for_profile(profile, variant=variant, **settings)
             ckpt = (cache.checkpoint_dir("multireward", {**cfg.to_dict(), "data": str(folder)})
                     if annotated is not None else None)
             missing = "" if annotated is not None else "notebook 06's judge annotations are not in the cache"

@@ -43,8 +43,8 @@ from torch import Tensor, nn
 from nb_edit.dmd import cfg_velocity
 from nb_edit.images import to_tensor, to_uint8
 from nb_edit.pipeline import Conditioning, EditPipeline
-from nb_edit.sampling import euler_sample
 from nb_edit.rewards import NO_FAILURE
+from nb_edit.sampling import euler_sample
 
 BEST_SCORES = (5.0, 5.0, 5.0)
 BEST_TEXT = "; ".join([NO_FAILURE] * 3)  # "None; None; None"

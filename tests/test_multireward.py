@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from nb_edit import world
-from nb_edit.conditioning import (BEST_TEXT, RewardCondition, RewardConditionedEditor, RewardEditPipeline, UNKNOWN_TEXT,
-                                  RewardInputs, sinusoidal_embedding)
+from nb_edit.conditioning import (BEST_TEXT, UNKNOWN_TEXT, RewardCondition, RewardConditionedEditor,
+                                  RewardEditPipeline, RewardInputs, sinusoidal_embedding)
 from nb_edit.images import to_tensor, to_uint8
 from nb_edit.models.editors import build_editor
 from nb_edit.models.tiny_configs import TINY_TEXT_DIM, tiny_flux_config, tiny_unet_config
@@ -126,7 +126,6 @@ def test_pipeline_keeps_reward_in_every_cfg_branch_and_checks_scores():
         pipe.condition(["do nothing"], scores=(6, 5, 5))
     with pytest.raises(ValueError, match="3 numbers"):
         pipe.condition(["do nothing"], scores=(5, 5))
-
 
 
 def test_reward_guidance_is_cfg_over_the_reward_and_off_by_default():

@@ -41,10 +41,9 @@ from diffusers.models.embeddings import get_timestep_embedding
 from torch import Tensor, nn
 
 from nb_edit.dmd import cfg_velocity
-from nb_edit.images import to_tensor, to_uint8
+from nb_edit.images import to_tensor
 from nb_edit.pipeline import Conditioning, EditPipeline
 from nb_edit.rewards import NO_FAILURE
-from nb_edit.sampling import euler_sample
 
 BEST_SCORES = (5.0, 5.0, 5.0)
 BEST_TEXT = "; ".join([NO_FAILURE] * 3)  # "None; None; None"
@@ -278,7 +277,5 @@ class RewardEditPipeline(EditPipeline):
         src = sources if isinstance(sources, Tensor) else to_tensor(sources)
         if cond is None:
             cond = self.condition(instructions, src, scores=scores, failure_texts=failure_texts)
-        noise = self.noise_like_latents(src.shape[0], src.shape[-1], seed)
-        x0 = euler_sample(self.guided_velocity_fn(cond, guidance, reward_guidance=reward_guidance), noise,
-                          self.sigmas(steps))
-        return to_uint8(self.autoencoder.decode(x0))
+        return self.sample(self.guided_velocity_fn(cond, guidance, reward_guidance=reward_guidance), src.shape[0],
+                           src.shape[-1], steps, seed)

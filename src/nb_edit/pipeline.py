@@ -91,21 +91,22 @@ class EditPipeline:
         gen = torch.Generator().manual_seed(seed)
         return torch.randn(batch, channels, resolution // down, resolution // down, generator=gen).to(self.device)
 
+    def sample(self, velocity_fn: VelocityFn, batch: int, resolution: int, steps: int, seed: int) -> np.ndarray:
+        """Few-step Euler sampling of ``velocity_fn`` from seeded noise, decoded to uint8 images."""
+        noise = self.noise_like_latents(batch, resolution, seed)
+        return to_uint8(self.autoencoder.decode(euler_sample(velocity_fn, noise, self.sigmas(steps))))
+
     @torch.no_grad()
     def edit(self, sources: np.ndarray | Tensor, instructions: Sequence[str], steps: int = 4,
              seed: int = 0, guidance: float = 1.0, cond: Conditioning | None = None) -> np.ndarray:
         """Edit uint8 images (B, H, W, 3) (or tensors in [-1, 1]) -> uint8 images."""
         src = sources if isinstance(sources, Tensor) else to_tensor(sources)
         cond = cond or self.condition(instructions, src)
-        noise = self.noise_like_latents(src.shape[0], src.shape[-1], seed)
-        x0 = euler_sample(self.guided_velocity_fn(cond, guidance), noise, self.sigmas(steps))
-        return to_uint8(self.autoencoder.decode(x0))
+        return self.sample(self.guided_velocity_fn(cond, guidance), src.shape[0], src.shape[-1], steps, seed)
 
     @torch.no_grad()
     def generate(self, captions: Sequence[str], resolution: int, steps: int = 4, seed: int = 0,
                  guidance: float = 1.0) -> np.ndarray:
         """Text-to-image with a teacher (no source image) -> uint8 images."""
         cond = self.condition(captions)
-        noise = self.noise_like_latents(len(captions), resolution, seed)
-        x0 = euler_sample(self.guided_velocity_fn(cond, guidance), noise, self.sigmas(steps))
-        return to_uint8(self.autoencoder.decode(x0))
+        return self.sample(self.guided_velocity_fn(cond, guidance), len(captions), resolution, steps, seed)

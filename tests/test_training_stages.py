@@ -158,6 +158,26 @@ def test_judge_feedback_pool_asks_the_editors_outputs_and_every_score_question(p
         build_feedback_pool(cfg, 8, seed=0, editors_root=tmp_path / "nothing")
 
 
+def test_judge_hard_stage_runs_last_on_fresh_questions_with_stage_4_mixed_in(pretrained, tmp_path, monkeypatch):
+    from nb_edit.training.pretrain_judge import JudgeConfig, build_hard_pool, build_pool, concat_pools
+
+    made = json.loads((pretrained / "judge" / "made_by.json").read_text())
+    cfg = JudgeConfig.for_profile("smoke")
+    stages = cfg.perception_steps + cfg.align_steps + cfg.qa_steps + cfg.feedback_steps
+    assert cfg.hard_steps > 0 and made["steps"] == stages + cfg.hard_steps  # the smoke stand-in ran stage 5
+
+    monkeypatch.setenv("NB_EDIT_CACHE", str(tmp_path / "cache"))
+    hard, stage3 = build_hard_pool(cfg, 12, seed=0), build_pool(cfg, 12, seed=0)
+    again = build_hard_pool(cfg, 12, seed=0)
+    assert again.hit and torch.equal(again.tensors["output"], hard.tensors["output"])
+    assert not torch.equal(hard.tensors["source"], stage3.tensors["source"])  # a stream of its own
+    feedback = type("Pool", (), {"tensors": stage3.tensors, "meta": {**stage3.meta, "origin": ["editor"] * 12}})()
+    both = concat_pools(hard, feedback)
+    assert both.tensors["source"].shape[0] == 24 and len(both.meta["question"]) == 24
+    assert both.meta["origin"] == ["synthetic"] * 12 + ["editor"] * 12
+    assert both.meta["answer"][12:] == stage3.meta["answer"] and both.meta["kind"][:12] == hard.meta["kind"]
+
+
 @pytest.mark.bad_input
 def test_pretrain_judge_refuses_to_start_before_the_editors(tmp_path, monkeypatch):
     from nb_edit.training import pretrain_all

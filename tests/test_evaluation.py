@@ -373,6 +373,7 @@ def test_the_variant_tables_and_checkpoint_keys_are_the_notebooks():
     for stage, source in zip(trained_editors.STAGES, (npedit, multireward, mtrl)):
         assert _assigned(source, "steps") == trained_editors.NOTEBOOK_STEPS[stage], stage
     assert 'cache.checkpoint_dir("npedit", {**cfg.to_dict(), "data": str(data["root"])})' in flat["npedit"]
+    assert 'trainer.fit(ckpt, warmup_dir=shared_warmup_dir(cfg, data["root"]))' in flat["npedit"]  # TrainedRun.warmup_dir
     assert 'cache.checkpoint_dir("multireward", {**cfg.to_dict(), "data": str(folder)})' in flat["multireward"]
     assert ('cache.config_key({"data": str(data["root"]), "judge": str(judge_id), "n": len(noisy), '
             '"standins": cache.standins_fingerprint()})' in flat["multireward"])
@@ -381,7 +382,7 @@ def test_the_variant_tables_and_checkpoint_keys_are_the_notebooks():
 
 
 def test_a_finished_run_loads_without_a_training_step(smoke_data, tmp_path, monkeypatch):
-    from nb_edit.training.npedit import NPEditTrainer
+    from nb_edit.training.npedit import NPEditTrainer, shared_warmup_dir
 
     monkeypatch.setenv("NB_EDIT_CACHE", str(tmp_path))
     found = trained_editors.trained_runs("smoke", 0, smoke_data)
@@ -392,12 +393,15 @@ def test_a_finished_run_loads_without_a_training_step(smoke_data, tmp_path, monk
     with pytest.raises(RuntimeError, match="05_npedit.ipynb"):
         run.load()
     torch.manual_seed(0)
+    assert run.config.copy_warmup_steps > 0  # so that the warm-up, shared as notebook 05 shares it, is exercised
     trainer = NPEditTrainer(run.config, smoke_data["unpaired"])  # what notebook 05 does
-    trainer.fit(run.ckpt_dir, progress=False)
+    trainer.fit(run.ckpt_dir, progress=False, warmup_dir=shared_warmup_dir(run.config, smoke_data["root"]))
     again = trained_editors.trained_runs("smoke", 0, smoke_data, stages=["npedit"])[0]
     assert again.finished and again.status == f"finished ({run.config.steps} steps)"
-    monkeypatch.setattr(NPEditTrainer, "step", lambda *args: pytest.fail("loading a finished run trained"))
+    for stage_step in ("step", "copy_step"):  # neither the main stage nor the copy warm-up may take a step
+        monkeypatch.setattr(NPEditTrainer, stage_step, lambda *args: pytest.fail("loading a finished run trained"))
     loaded = again.load()
+    assert not (again.ckpt_dir / "copy_warmup").exists()
     sources = evaluation.render_sources(_edit_of_each_type()[:3], CFG)
     texts = ["make the red circle blue"] * 3
     assert np.array_equal(loaded.edit(sources, texts, steps=2, seed=1),

@@ -159,6 +159,8 @@ def test_judge_feedback_pool_asks_the_editors_outputs_and_every_score_question(p
 
 
 def test_judge_hard_stage_runs_last_on_fresh_questions_with_stage_4_mixed_in(pretrained, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
     from nb_edit.training.pretrain_judge import JudgeConfig, build_hard_pool, build_pool, concat_pools
 
     made = json.loads((pretrained / "judge" / "made_by.json").read_text())
@@ -171,7 +173,7 @@ def test_judge_hard_stage_runs_last_on_fresh_questions_with_stage_4_mixed_in(pre
     again = build_hard_pool(cfg, 12, seed=0)
     assert again.hit and torch.equal(again.tensors["output"], hard.tensors["output"])
     assert not torch.equal(hard.tensors["source"], stage3.tensors["source"])  # a stream of its own
-    feedback = type("Pool", (), {"tensors": stage3.tensors, "meta": {**stage3.meta, "origin": ["editor"] * 12}})()
+    feedback = SimpleNamespace(tensors=stage3.tensors, meta={**stage3.meta, "origin": ["editor"] * 12})
     both = concat_pools(hard, feedback)
     assert both.tensors["source"].shape[0] == 24 and len(both.meta["question"]) == 24
     assert both.meta["origin"] == ["synthetic"] * 12 + ["editor"] * 12

@@ -53,6 +53,7 @@ class TrainedRun:
     ckpt_dir: Path | None
     dataset: Any
     missing_data: str = ""
+    warmup_dir: Path | None = None  # NP-Edit: the copy warm-up the variants share (notebook 05)
 
     @property
     def done_steps(self) -> int:
@@ -82,7 +83,7 @@ class TrainedRun:
             from nb_edit.training.npedit import NPEditTrainer
 
             trainer = NPEditTrainer(self.config, self.dataset)
-            trainer.fit(self.ckpt_dir, progress=False)
+            trainer.fit(self.ckpt_dir, progress=False, warmup_dir=self.warmup_dir)
             return trainer.edit_pipeline()
         if self.stage == "multireward":
             from nb_edit.training.multireward import train_multireward
@@ -125,7 +126,7 @@ def trained_runs(profile: str, seed: int, data: dict, *, steps: int = -1, judge_
     """
     from nb_edit.training.mtrl import MTRLConfig
     from nb_edit.training.multireward import MultiRewardConfig
-    from nb_edit.training.npedit import NPEditConfig
+    from nb_edit.training.npedit import NPEditConfig, shared_warmup_dir
 
     unknown = set(stages) - set(STAGES)
     if unknown:
@@ -138,7 +139,8 @@ def trained_runs(profile: str, seed: int, data: dict, *, steps: int = -1, judge_
             cfg = NPEditConfig.for_profile(profile, variant=variant, teacher_id=teacher_id, judge_id=judge_id,
                                            seed=seed, steps=_steps("npedit", steps, resolved))
             runs.append(TrainedRun(f"npedit_{variant}", "npedit", cfg,
-                                   cache.checkpoint_dir("npedit", {**cfg.to_dict(), "data": root}), data["unpaired"]))
+                                   cache.checkpoint_dir("npedit", {**cfg.to_dict(), "data": root}), data["unpaired"],
+                                   warmup_dir=shared_warmup_dir(cfg, root) if cfg.copy_warmup_steps else None))
     if "multireward" in stages:
         folder, annotated = reward_annotations(data, judge_id)
         for variant in MULTIREWARD_VARIANTS:

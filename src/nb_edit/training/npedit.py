@@ -318,6 +318,14 @@ def warmup_key(cfg: NPEditConfig) -> dict[str, Any]:
     return {"stage": "npedit_copy_warmup", **{k: v for k, v in cfg.to_dict().items() if k in keep}}
 
 
+def shared_warmup_dir(cfg: NPEditConfig, data_root) -> Path:
+    """The artifact-cache folder of the copy warm-up every variant of ``cfg`` on the data in
+    ``data_root`` shares (notebook 05 trains it once; ``fit(..., warmup_dir=)`` finds it)."""
+    from nb_edit import cache
+
+    return cache.checkpoint_dir("npedit", {**warmup_key(cfg), "data": str(data_root)})
+
+
 def train_npedit(cfg: NPEditConfig, dataset, ckpt_dir: Path, device: torch.device | None = None):
     """Train NP-Edit on an unpaired dataset; returns (pipeline of the trained editor, history)."""
     torch.manual_seed(cfg.seed)

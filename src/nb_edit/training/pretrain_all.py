@@ -1,7 +1,7 @@
 """``make pretrain``: every tiny stand-in, in dependency order, into ``data/pretrained/``.
 
-teacher -> supervised editors (clean, noisy; initialised from the teacher) -> judge (its last
-stage questions the editors' outputs). Each part
+teacher -> supervised editors (clean, noisy; initialised from the teacher) -> judge (its last two
+stages question the editors' outputs). Each part
 is skipped when its folder is complete (``made_by.json`` is written last) unless ``force``;
 an interrupted part resumes from its checkpoints in ``data/cache/pretrain/<part>/<config key>/``
 (a changed configuration starts afresh instead of resuming someone else's weights). The training

@@ -135,8 +135,8 @@ def _pool_content(examples, **extra_meta) -> tuple[dict[str, torch.Tensor], dict
 
 
 def build_hard_pool(cfg: JudgeConfig, n: int, seed: int) -> cache.Artifact:
-    """Stage 5's ``n`` fresh yes/no and presence questions, candidate outputs drawn with
-    ``cfg.hard_weights``, cached."""
+    """Stage 5's ``n`` fresh questions (stage 3's mix: followed, preserved, quality, presence)
+    whose candidate outputs are drawn with ``cfg.hard_weights``, cached."""
     wcfg = world.WorldConfig.from_dict(cfg.world)
     key = {"what": "judge_hard_pool", "n": n, "seed": seed, "world": cfg.world, "presence": cfg.presence_share,
            "weights": cfg.hard_weights, "version": 1}
@@ -352,7 +352,7 @@ def qa_forward(judge: VLMJudge, source: torch.Tensor, output: torch.Tensor, qs: 
 
 def train_questions(judge: VLMJudge, cfg: JudgeConfig, pool: cache.Artifact, ckpt_dir: Path,
                     steps: int | None = None, schedule: str | None = None, lr_scale: float = 1.0) -> list[dict]:
-    """Stages 3 and 4: answer-token cross-entropy on ``pool``. Stage 3 (the defaults): ``cfg.qa_steps``
+    """Stages 3, 4 and 5: answer-token cross-entropy on ``pool``. Stage 3 (the defaults): ``cfg.qa_steps``
     at ``qa_lr``, annealed over the last ``cfg.qa_decay_steps`` when that is > 0 ("wsd", which a
     finished constant-lr stage 3 extends by resuming)."""
     n = pool.tensors["source"].shape[0]

@@ -10,7 +10,7 @@ RUN_ID ?= $(shell date +%Y%m%d-%H%M%S)
 PROFILE ?= tiny
 PARAMS ?= papermill_runs/$(PROFILE).yaml
 
-.PHONY: setup run test unit nbval lab pretrain clean-cache
+.PHONY: setup run test unit nbval lab notebooks pretrain clean-cache
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,12 @@ test: $(STAMP)
 
 unit: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The committed notebooks carry the outputs of a tiny run: run the main job, then copy its
+# executed notebooks (progress bars as text, no widget state) into notebooks/.
+notebooks: $(STAMP)
+	$(PY) -m nb_edit run --run-id $(RUN_ID) -f $(PARAMS)
+	$(PY) -m nb_edit publish --run-id $(RUN_ID)
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks

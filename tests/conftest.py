@@ -30,7 +30,7 @@ def pytest_runtest_logreport(report):
 def pytest_terminal_summary(terminalreporter):
     if not _bad_inputs["tried"]:
         return
-    from nb_edit.runs import open_run, record_metrics
+    from nb_edit.core.runs import open_run, record_metrics
 
     metrics = {"reliability.bad_inputs_tried": _bad_inputs["tried"],
                "reliability.bad_inputs_handled": _bad_inputs["handled"]}
@@ -45,19 +45,19 @@ import pytest  # noqa: E402
 def smoke_standins(tmp_path_factory):
     """Every stand-in of ``make pretrain`` at smoke sizes (random-ish, seconds), made once per
     test session into a temporary folder, with its checkpoints in a private cache."""
-    from nb_edit.training import pretrain_all
+    from nb_edit.standins import pretrain
 
     root = tmp_path_factory.mktemp("pretrained")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("NB_EDIT_CACHE", str(tmp_path_factory.mktemp("pretrain_cache")))
-        pretrain_all.run(profile="smoke", root=root, num_threads=1)
+        pretrain.run(profile="smoke", root=root, num_threads=1)
     return root
 
 
 @pytest.fixture(scope="session")
 def smoke_data(tmp_path_factory):
     """The ShapesWorld datasets at smoke sizes, built once per test session in a private cache."""
-    from nb_edit.config import RunSettings
+    from nb_edit.core.config import RunSettings
     from nb_edit.data.world_datasets import shapesworld
 
     with pytest.MonkeyPatch.context() as patch:

@@ -9,10 +9,17 @@ import pytest
 import torch
 from PIL import Image
 
-from nb_edit.images import BadInputError, ImageConversionWarning, load_image, to_tensor, to_uint8
-from nb_edit.parsing import parse_score, parse_yes_no
-from nb_edit.validation import (Param, SkipCounter, TooManyBadSamples, check_edit_type, check_instruction,
-                                check_params, read_jsonl)
+from nb_edit.core.images import BadInputError, ImageConversionWarning, load_image, to_tensor, to_uint8
+from nb_edit.core.validation import (
+    Param,
+    SkipCounter,
+    TooManyBadSamples,
+    check_edit_type,
+    check_instruction,
+    check_params,
+    read_jsonl,
+)
+from nb_edit.models.vlm.parsing import parse_score, parse_yes_no
 
 SPEC = {"profile": Param(str), "seed": Param(int, lo=0), "steps": Param(int, lo=1, hi=100_000),
         "lr": Param(float, lo=0.0, hi=1.0), "model_id": Param(str, required_for=("full",))}

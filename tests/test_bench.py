@@ -100,7 +100,8 @@ def test_gpu_benchmarks_skip_cleanly_without_cuda():
 
 
 def test_cli_bench_prints_and_records_into_a_run(measured, monkeypatch, tmp_path, capsys):
-    from nb_edit import cli, paths, runs
+    from nb_edit import cli
+    from nb_edit.core import paths, runs
 
     monkeypatch.setattr(bench, "run_cpu_benchmarks", lambda **kwargs: (dict(measured[0]), dict(measured[1])))
     monkeypatch.setattr(paths, "runs_dir", lambda: tmp_path)

@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from nb_edit import world
+from nb_edit.core.validation import SkipCounter, TooManyBadSamples
 from nb_edit.data.schema import EditRecord, RecordError, assign_split, validate_record
 from nb_edit.data.store import convert_paired, read_dataset, write_dataset
-from nb_edit import world
-from nb_edit.validation import SkipCounter, TooManyBadSamples
 
 
 def _image(seed: int, size=(8, 8)) -> np.ndarray:
@@ -270,7 +270,11 @@ def test_filter_metrics_against_truth():
 
 def test_curation_oracle_and_judge_filters_against_truth(cfg):
     from nb_edit.data.curation import (
-        JudgeValidityFilter, OracleValidityFilter, TemplateProposer, curate, read_instruction,
+        JudgeValidityFilter,
+        OracleValidityFilter,
+        TemplateProposer,
+        curate,
+        read_instruction,
     )
 
     references = _references(cfg, 12)
@@ -369,7 +373,7 @@ def test_noisy_and_multiturn_sets(cfg, tmp_path):
 def test_a_longer_multiturn_test_split_starts_with_the_usual_one(smoke_data, monkeypatch, tmp_path):
     """``multiturn_test(settings, n)`` draws the test split from its fixed seed: its first
     sequences are the run's own test sequences, and it leaves the run's datasets alone."""
-    from nb_edit.config import RunSettings
+    from nb_edit.core.config import RunSettings
     from nb_edit.data.world_datasets import multiturn_test
 
     monkeypatch.setenv("NB_EDIT_CACHE", str(tmp_path))

@@ -1,10 +1,11 @@
-"""DMD generator loss, fake-score loss, CFG and the flow-matching loss (nb_edit.dmd)."""
+"""DMD generator loss, fake-score loss, CFG and the flow-matching loss (nb_edit.methods.npedit.dmd)."""
 
 import pytest
 import torch
 from torch import nn
 
-from nb_edit.dmd import cfg_velocity, dmd_generator_loss, fake_score_loss, flow_matching_loss, uniform_t
+from nb_edit.flow.losses import cfg_velocity, flow_matching_loss, uniform_t
+from nb_edit.methods.npedit.dmd import dmd_generator_loss, fake_score_loss
 
 torch.set_num_threads(1)
 

@@ -8,13 +8,11 @@ computed by hand.
 
 from __future__ import annotations
 
-import ast
 import io
 import json
 import math
 
 import matplotlib
-import nbformat
 import numpy as np
 import pytest
 import torch
@@ -22,9 +20,13 @@ from PIL import Image
 
 matplotlib.use("Agg")
 
-from nb_edit import (claims, evaluation, paths, questions, report, runs, stats, trained_editors,  # noqa: E402
-                     widgets, world)
-from nb_edit.validation import BadInputError  # noqa: E402
+from nb_edit import world  # noqa: E402
+from nb_edit.core import paths, runs  # noqa: E402
+from nb_edit.core.validation import BadInputError  # noqa: E402
+from nb_edit.evaluation import claims, harness, report, stats  # noqa: E402
+from nb_edit.methods import registry  # noqa: E402
+from nb_edit.models.vlm import questions  # noqa: E402
+from nb_edit.notebook import widgets  # noqa: E402
 
 CFG = world.WorldConfig()
 
@@ -78,9 +80,9 @@ def _edit_of_each_type(seed: int = 0) -> list[world.Edit]:
 
 
 @pytest.fixture(scope="module")
-def bench() -> evaluation.Benchmark:
+def bench() -> harness.Benchmark:
     edits = _edit_of_each_type()
-    return evaluation.Benchmark("shapes", [f"e{i}" for i in range(len(edits))], evaluation.render_sources(edits, CFG),
+    return harness.Benchmark("shapes", [f"e{i}" for i in range(len(edits))], harness.render_sources(edits, CFG),
                                 [e.instruction for e in edits], [e.edit_type for e in edits], edits,
                                 np.stack([world.render(e.target, CFG) for e in edits]), CFG)
 
@@ -92,7 +94,7 @@ def _oracle_for(bench) -> OracleEditor:
 # ------------------------------------------------------------------------------- single turn
 def test_copy_editor_changes_nothing_and_succeeds_only_at_doing_nothing(bench):
     editor = CopyEditor()
-    result = evaluation.evaluate(editor, bench, method="copy", steps=3, seed=5, n_boot=200)
+    result = harness.evaluate(editor, bench, method="copy", steps=3, seed=5, n_boot=200)
     assert editor.calls == [{"steps": 3, "seed": 5, "n": len(bench)}]
     types = np.array(bench.edit_types)
     success = result.per_item["oracle_success"]
@@ -112,7 +114,7 @@ def test_copy_editor_changes_nothing_and_succeeds_only_at_doing_nothing(bench):
 
 
 def test_perfect_editor_succeeds_everywhere_and_keeps_untouched_pixels(bench):
-    result = evaluation.evaluate(_oracle_for(bench), bench, method="oracle", n_boot=100)
+    result = harness.evaluate(_oracle_for(bench), bench, method="oracle", n_boot=100)
     for key in ("oracle_success", "oracle_followed", "oracle_preserved"):
         assert result.per_item[key].tolist() == [1.0] * len(bench), key
         assert tuple(result.intervals[key]) == (1.0, 1.0, 1.0)
@@ -123,8 +125,8 @@ def test_judge_figures_by_hand(bench):
     outputs = bench.sources.copy()
     instructions = list(bench.instructions)
     instructions[0] = "fail " + instructions[0]  # this item's following score is a judge failure (NaN)
-    broken = evaluation.Benchmark("judged", bench.ids, bench.sources, instructions, bench.edit_types)
-    result = evaluation.score_outputs(broken, outputs, StubJudge(), method="stub", n_boot=50)
+    broken = harness.Benchmark("judged", bench.ids, bench.sources, instructions, bench.edit_types)
+    result = harness.score_outputs(broken, outputs, StubJudge(), method="stub", n_boot=50)
     per = result.per_item
     assert per["following_p"][1] == pytest.approx(1 / (1 + math.exp(-2.0)))
     assert per["preserving_p"][1] == pytest.approx(1 / (1 + math.exp(1.0)))
@@ -142,38 +144,38 @@ def test_judge_figures_by_hand(bench):
 @pytest.mark.bad_input
 def test_bad_outputs_and_benchmarks_are_named(bench):
     with pytest.raises(BadInputError, match="outputs.*one edited uint8 image"):
-        evaluation.score_outputs(bench, bench.sources[:2])
+        harness.score_outputs(bench, bench.sources[:2])
     with pytest.raises(BadInputError, match="one source, instruction"):
-        evaluation.Benchmark("bad", ["a", "b"], bench.sources[:1], ["x"], [""])
+        harness.Benchmark("bad", ["a", "b"], bench.sources[:1], ["x"], [""])
     with pytest.raises(BadInputError, match="choose one of"):
-        evaluation.score_outputs(bench, bench.sources, n_boot=10).mean("viescore_overall")
+        harness.score_outputs(bench, bench.sources, n_boot=10).mean("viescore_overall")
     with pytest.raises(BadInputError, match="shapes_benchmark"):
-        evaluation.evaluate(CopyEditor(), [bench.sources])
+        harness.evaluate(CopyEditor(), [bench.sources])
 
 
 def test_metrics_tables_and_type_examples(bench):
-    result = evaluation.evaluate(CopyEditor(), bench, method="copy", n_boot=100)
+    result = harness.evaluate(CopyEditor(), bench, method="copy", n_boot=100)
     metrics = result.metrics("eval.shapes.copy", ["oracle_success", "viescore_overall"])
     interval = result.intervals["oracle_success"]
     assert metrics == {"eval.shapes.copy.oracle_success": result.summary["oracle_success"],
                        "eval.shapes.copy.oracle_success.ci_low": interval.low,
                        "eval.shapes.copy.oracle_success.ci_high": interval.high}  # no judge: no viescore
-    table = evaluation.results_markdown([result], ["oracle_success", "viescore_overall"])
+    table = harness.results_markdown([result], ["oracle_success", "viescore_overall"])
     assert table.splitlines()[2].startswith(f"| copy | {result.summary['oracle_success']:.3f} [") and "–" in table
-    per_type = evaluation.per_type_markdown([result]).splitlines()
+    per_type = harness.per_type_markdown([result]).splitlines()
     assert per_type[0] == "| method | " + " | ".join(bench.edit_types) + " |"  # one edit of each type, in order
     assert per_type[2] == "| copy | " + " | ".join("1.00" if t == "noop" else "0.00" for t in bench.edit_types) + " |"
     with pytest.raises(BadInputError, match="no per-item values"):
         result.per_type("viescore_overall")
-    picked = evaluation.examples_per_type(["colour", "add", "colour", "mystery", "add"], per_type=1)
+    picked = harness.examples_per_type(["colour", "add", "colour", "mystery", "add"], per_type=1)
     assert picked == [1, 0, 3]  # world order (add before colour), unknown types last
 
 
 # ------------------------------------------------------------------------------- other benchmarks
 def test_shapes_benchmark_from_the_test_split(smoke_data):
-    bench = evaluation.shapes_benchmark(smoke_data["test"], CFG)
+    bench = harness.shapes_benchmark(smoke_data["test"], CFG)
     assert len(bench) == len(smoke_data["test"]) and bench.sources.shape[1:] == (32, 32, 3)
-    result = evaluation.evaluate(_oracle_for(bench), bench, n_boot=50)
+    result = harness.evaluate(_oracle_for(bench), bench, n_boot=50)
     assert result.summary["oracle_success"] == 1.0
 
 
@@ -194,10 +196,10 @@ def test_a_users_folder_is_read_and_bad_rows_are_counted(tmp_path):
                      "instruction": "make it white", "edit_type": "global", "split": "test"})
     rows.append({"id": "lost", "source_file_name": "imgs/nowhere.png", "instruction": "x", "split": "test"})
     (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    bench = evaluation.folder_benchmark(tmp_path, split="test", resolution=16, name="mine")
+    bench = harness.folder_benchmark(tmp_path, split="test", resolution=16, name="mine")
     assert len(bench) == 20 and bench.skipped == 1 and bench.sources.shape == (20, 16, 16, 3)
     assert bench.edits is None and bench.targets is not None
-    result = evaluation.evaluate(CopyEditor(), bench, StubJudge(), method="copy", n_boot=50)
+    result = harness.evaluate(CopyEditor(), bench, StubJudge(), method="copy", n_boot=50)
     expected = np.array([(255 - 10 * i) / 127.5 for i in range(20)])  # |source - white| on [-1, 1]
     assert result.per_item["target_l1"] == pytest.approx(expected)
     assert "oracle_success" not in result.summary and result.summary["viescore_overall"] == pytest.approx(6.0)
@@ -205,29 +207,29 @@ def test_a_users_folder_is_read_and_bad_rows_are_counted(tmp_path):
 
 def test_real_photo_benchmark_is_judged_only(tmp_path, monkeypatch):
     monkeypatch.setenv("NB_EDIT_CACHE", str(tmp_path))
-    bench = evaluation.real_photo_benchmark(resolution=16, categories=["remove", "style"])
+    bench = harness.real_photo_benchmark(resolution=16, categories=["remove", "style"])
     assert len(bench) == 12 and set(bench.edit_types) == {"remove", "style"}
     assert bench.edits is None and bench.targets is None and bench.sources.shape[1:] == (16, 16, 3)
-    result = evaluation.evaluate(CopyEditor(), bench, StubJudge(), method="copy", n_boot=50)
+    result = harness.evaluate(CopyEditor(), bench, StubJudge(), method="copy", n_boot=50)
     assert set(result.per_type("following_yes")) == {"remove", "style"}
     assert "untouched_l1" not in result.summary and result.summary["following_yes"] == 1.0
 
 
 def test_multiturn_benchmark_perfect_and_idle_editors(smoke_data):
-    from nb_edit.training.mtrl import evaluate_multiturn
+    from nb_edit.methods.mtrl.train import evaluate_multiturn
 
     test_set = smoke_data["multiturn"].split("test")
-    bench = evaluation.multiturn_benchmark(test_set, n_turns=3)
+    bench = harness.multiturn_benchmark(test_set, n_turns=3)
     pairs = []
     for seq in bench.sequences:
         inputs = [seq.source] + [world.render(e.target, CFG) for e in seq.edits[:-1]]
         pairs += [(image, instruction, world.render(edit.target, CFG))
                   for image, instruction, edit in zip(inputs, seq.instructions, seq.edits)]
-    perfect = evaluation.evaluate(OracleEditor(pairs), bench, method="perfect", n_boot=50)
+    perfect = harness.evaluate(OracleEditor(pairs), bench, method="perfect", n_boot=50)
     assert perfect.summary["turn3_success"] == 1.0 and tuple(perfect.intervals["turn3_success"]) == (1.0, 1.0, 1.0)
     assert perfect.outputs.shape == (len(bench), 4, 32, 32, 3)
     assert np.array_equal(perfect.outputs[:, 0], np.stack([s.source for s in bench.sequences]))
-    idle = evaluation.evaluate(CopyEditor(), bench, method="copy", n_boot=50)
+    idle = harness.evaluate(CopyEditor(), bench, method="copy", n_boot=50)
     assert idle.per_item["turn1_success"].tolist() == [0.0] * len(bench) and idle.summary["consistency_l1"] == 0.0
     assert math.isnan(idle.summary["marginal_success_turn3"])
     # training.mtrl.evaluate_multiturn is the same computation
@@ -237,10 +239,10 @@ def test_multiturn_benchmark_perfect_and_idle_editors(smoke_data):
 # ------------------------------------------------------------------------------- the interactive editor
 def test_editor_app_drives_a_pipeline_and_the_judge(bench):
     copy = CopyEditor()
-    app = widgets.EditorApp({"copy": evaluation.editor_fn(copy, seed=3),
-                             "perfect": evaluation.editor_fn(_oracle_for(bench))},
+    app = widgets.EditorApp({"copy": harness.editor_fn(copy, seed=3),
+                             "perfect": harness.editor_fn(_oracle_for(bench))},
                             {"first": bench.sources[0], "second": bench.sources[1]},
-                            judge=evaluation.judge_fn(StubJudge()))
+                            judge=harness.judge_fn(StubJudge()))
     app.image_choice.value = "second"
     app.instruction.value = bench.instructions[1]
     app.model.value = "perfect"
@@ -347,45 +349,31 @@ def test_an_empty_run_reports_every_claim_as_not_measured():
 
 
 # ------------------------------------------------------------------------------- cached editors
-def _notebook_source(name: str) -> str:
-    notebook = nbformat.read(paths.notebooks_dir() / f"{name}.ipynb", as_version=4)
-    return "\n".join(cell.source for cell in notebook.cells if cell.cell_type == "code")
-
-
-def _assigned(source: str, name: str):
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Assign):
-            targets = node.targets
-        else:
-            targets = [node.target] if isinstance(node, ast.AnnAssign) else []
-        if any(isinstance(t, ast.Name) and t.id == name for t in targets):
-            return eval(compile(ast.Expression(node.value), name, "eval"), {"dict": dict})  # literals and dict()
-    raise AssertionError(f"{name} is not assigned in the notebook")
-
-
-def test_the_variant_tables_and_checkpoint_keys_are_the_notebooks():
-    """trained_editors re-creates notebooks 05-07's configurations: it must follow their edits."""
-    npedit, multireward, mtrl = (_notebook_source(trained_editors.NOTEBOOK[s]) for s in trained_editors.STAGES)
-    flat = {name: " ".join(source.split()) for name, source in  # line breaks and indents aside
-            (("npedit", npedit), ("multireward", multireward), ("mtrl", mtrl))}
-    assert _assigned(npedit, "variants") == ",".join(trained_editors.NPEDIT_VARIANTS)
-    assert _assigned(mtrl, "variants") == trained_editors.MTRL_VARIANTS
-    for stage, source in zip(trained_editors.STAGES, (npedit, multireward, mtrl)):
-        assert _assigned(source, "steps") == trained_editors.NOTEBOOK_STEPS[stage], stage
-    assert 'cache.checkpoint_dir("npedit", {**cfg.to_dict(), "data": str(data["root"])})' in flat["npedit"]
-    assert 'trainer.fit(ckpt, warmup_dir=shared_warmup_dir(cfg, data["root"]))' in flat["npedit"]  # TrainedRun.warmup_dir
-    assert 'cache.checkpoint_dir("multireward", {**cfg.to_dict(), "data": str(folder)})' in flat["multireward"]
-    assert ('cache.config_key({"data": str(data["root"]), "judge": str(judge_id), "n": len(noisy), '
-            '"standins": cache.standins_fingerprint()})' in flat["multireward"])
-    assert 'for variant in ("noreward", "reward")' in flat["multireward"]
-    assert 'cache.checkpoint_dir("mtrl", {**cfg.to_dict(), "data": str(data["root"])})' in flat["mtrl"]
+def test_the_registry_owns_each_run_and_its_folder(smoke_data):
+    """Notebooks 05-07 and notebook 08 get a run's configuration and folder from the registry alone."""
+    configs = registry.npedit_configs("smoke", seed=3, variants="vlm_only, full")
+    assert list(configs) == ["vlm_only", "full"] and configs["full"].seed == 3
+    assert list(registry.npedit_configs("smoke")) == list(registry.NPEDIT_VARIANTS)  # "" means every ablation
+    with pytest.raises(ValueError, match="unknown"):
+        registry.npedit_configs("smoke", variants="full,nope")
+    assert list(registry.mtrl_configs("smoke")) == list(registry.MTRL_VARIANTS)
+    assert list(registry.multireward_configs("smoke")) == list(registry.MULTIREWARD_VARIANTS)
+    # 0 steps means the profile's default; any other value is the run's length
+    assert registry.mtrl_configs("tiny")["grpo_broadcast"].steps == 20
+    assert registry.multireward_configs("tiny")["reward"].steps == 60
+    assert registry.multireward_configs("tiny", steps=7)["reward"].steps == 7
+    found = {r.name: r for r in registry.trained_runs("smoke", 0, smoke_data, stages=["npedit", "mtrl"])}
+    cfg = configs["full"].replace(seed=0)
+    assert found["npedit_full"].ckpt_dir == registry.run_dir("npedit", cfg, smoke_data["root"])
+    assert registry.run_dir("npedit", cfg, smoke_data["root"]) != registry.run_dir("npedit", cfg.replace(seed=1),
+                                                                                 smoke_data["root"])
 
 
 def test_a_finished_run_loads_without_a_training_step(smoke_data, tmp_path, monkeypatch):
-    from nb_edit.training.npedit import NPEditTrainer, shared_warmup_dir
+    from nb_edit.methods.npedit.train import NPEditTrainer, shared_warmup_dir
 
     monkeypatch.setenv("NB_EDIT_CACHE", str(tmp_path))
-    found = trained_editors.trained_runs("smoke", 0, smoke_data)
+    found = registry.trained_runs("smoke", 0, smoke_data)
     assert [r.status for r in found if r.stage == "multireward"] == [
         "absent (notebook 06's judge annotations are not in the cache)"] * 2
     run = found[0]
@@ -396,27 +384,25 @@ def test_a_finished_run_loads_without_a_training_step(smoke_data, tmp_path, monk
     assert run.config.copy_warmup_steps > 0  # so that the warm-up, shared as notebook 05 shares it, is exercised
     trainer = NPEditTrainer(run.config, smoke_data["unpaired"])  # what notebook 05 does
     trainer.fit(run.ckpt_dir, progress=False, warmup_dir=shared_warmup_dir(run.config, smoke_data["root"]))
-    again = trained_editors.trained_runs("smoke", 0, smoke_data, stages=["npedit"])[0]
+    again = registry.trained_runs("smoke", 0, smoke_data, stages=["npedit"])[0]
     assert again.finished and again.status == f"finished ({run.config.steps} steps)"
     for stage_step in ("step", "copy_step"):  # neither the main stage nor the copy warm-up may take a step
         monkeypatch.setattr(NPEditTrainer, stage_step, lambda *args: pytest.fail("loading a finished run trained"))
     loaded = again.load()
     assert not (again.ckpt_dir / "copy_warmup").exists()
-    sources = evaluation.render_sources(_edit_of_each_type()[:3], CFG)
+    sources = harness.render_sources(_edit_of_each_type()[:3], CFG)
     texts = ["make the red circle blue"] * 3
     assert np.array_equal(loaded.edit(sources, texts, steps=2, seed=1),
                           trainer.edit_pipeline().edit(sources, texts, steps=2, seed=1))
 
 
 def test_trained_runs_finds_multireward_runs_made_with_notebook_06_overrides(smoke_data):
-    """Notebook 06's ``overrides`` win over its ``steps``; trained_runs composes them the same way."""
-    from nb_edit.training.multireward import MultiRewardConfig
+    """Notebook 06's ``overrides`` win over its ``steps``, in the registry that it and trained_runs share."""
+    from nb_edit.methods.multireward.train import MultiRewardConfig
 
-    source = " ".join(_notebook_source(trained_editors.NOTEBOOK["multireward"]).split())
-    assert "common = {**dict(seed=seed, editor_id=editor_id, steps=" in source and "**overrides}" in source
     overrides = {"lora_rank": 0, "lr": 2e-4, "steps": 7}
-    plain = {r.name: r for r in trained_editors.trained_runs("smoke", 0, smoke_data, stages=["multireward"])}
-    found = {r.name: r for r in trained_editors.trained_runs("smoke", 0, smoke_data, stages=["multireward"],
+    plain = {r.name: r for r in registry.trained_runs("smoke", 0, smoke_data, stages=["multireward"])}
+    found = {r.name: r for r in registry.trained_runs("smoke", 0, smoke_data, stages=["multireward"],
                                                              overrides=overrides)}
     for variant in ("noreward", "reward"):
         cfg = found[f"multireward_{variant}"].config

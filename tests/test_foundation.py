@@ -3,13 +3,12 @@
 import json
 
 import numpy as np
-import os
-
 import pytest
 import torch
 
-from nb_edit import cache, paths, report, runs
-from nb_edit.config import RunSettings, resolve_profile
+from nb_edit.core import cache, paths, runs
+from nb_edit.core.config import RunSettings, resolve_profile
+from nb_edit.evaluation import report
 
 
 def test_paths_do_not_depend_on_working_directory(tmp_path, monkeypatch):

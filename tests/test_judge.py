@@ -18,10 +18,10 @@ import pytest
 import torch
 from transformers import CLIPImageProcessorPil, LlavaImageProcessorPil, Qwen2VLImageProcessorPil
 
-from nb_edit.models.judge import _FAMILIES, TEMPLATE_WORDS, VLMJudge, _bnb_config, _family_of, single_token_id
 from nb_edit.models.text import build_tokenizer
-from nb_edit.models.vlm_preprocess import ClipPreprocess, QwenVLPreprocess
-from nb_edit.parsing import parse_score
+from nb_edit.models.vlm.judge import _FAMILIES, TEMPLATE_WORDS, VLMJudge, _bnb_config, _family_of, single_token_id
+from nb_edit.models.vlm.parsing import parse_score
+from nb_edit.models.vlm.preprocess import ClipPreprocess, QwenVLPreprocess
 
 torch.set_num_threads(1)
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nb_edit import questions, world
+from nb_edit import world
 from nb_edit.data import judge_qa
+from nb_edit.models.vlm import questions
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def test_zero_score_shares_leave_the_batch_unchanged(cfg):
 
 
 def test_feedback_questions_cover_every_score_question_the_methods_ask(cfg):
-    from nb_edit.rewards_multiturn import TURN_JOINER
+    from nb_edit.models.vlm.questions import TURN_JOINER
 
     batch = judge_qa.qa_batch(cfg, np.random.default_rng(0), 300, edit_share=0.85, score_share=0.5, chain_share=0.1)
     asked = {questions.FOLLOWING_SCORE, questions.PRESERVING_SCORE, questions.IF_SCORE, questions.CC_SCORE,

@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from nb_edit.core.validation import BadInputError, SkipCounter, TooManyBadSamples
 from nb_edit.data.store import read_dataset
-from nb_edit.validation import BadInputError, SkipCounter, TooManyBadSamples
 
 FIELDS = ("id", "source_file_name", "instruction", "caption", "caption_edited", "edit_type", "turn")
 values = st.one_of(st.none(), st.text(max_size=30), st.integers(-5, 5), st.floats(allow_nan=True),

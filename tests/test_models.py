@@ -9,14 +9,25 @@ from transformers import PreTrainedTokenizerFast
 
 from nb_edit.models.autoencoders import KLAutoencoder, PixelAutoencoder
 from nb_edit.models.editors import DiTEditor, UNetEditor, build_editor, editor_from_teacher
-from nb_edit.models.loaders import (load_autoencoder, load_editor, load_teacher, load_text_encoder,
-                                    resolve_backbone,
-                                    save_components)
-from nb_edit.models.lora import (active_adapter, adapter_names, adapters_disabled, attach_lora,
-                                 load_lora_state_dict, lora_parameters, lora_state_dict)
+from nb_edit.models.loaders import (
+    load_autoencoder,
+    load_editor,
+    load_teacher,
+    load_text_encoder,
+    resolve_backbone,
+    save_components,
+)
+from nb_edit.models.lora import (
+    active_adapter,
+    adapter_names,
+    adapters_disabled,
+    attach_lora,
+    load_lora_state_dict,
+    lora_parameters,
+    lora_state_dict,
+)
 from nb_edit.models.text import NULL_TEXT, build_tiny_text_encoder, build_tokenizer
-from nb_edit.models.tiny_configs import (TINY_MAX_TEXT_LENGTH, tiny_flux_config, tiny_unet_config,
-                                         tiny_vae_config)
+from nb_edit.models.tiny_configs import TINY_MAX_TEXT_LENGTH, tiny_flux_config, tiny_unet_config, tiny_vae_config
 
 torch.set_num_threads(1)
 TEXTS = ["Make the red circle blue.", "a blue square on a green background", "remove the triangle"]

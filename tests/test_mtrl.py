@@ -7,15 +7,21 @@ import pytest
 import torch
 
 from nb_edit import world
-from nb_edit.images import to_tensor
-from nb_edit.models.judge import VLMJudge
+from nb_edit.core.images import to_tensor
+from nb_edit.flow.pipeline import Conditioning
+from nb_edit.flow.sampling import flow_sigmas
+from nb_edit.methods.mtrl.train import (
+    MTRLConfig,
+    compute_advantages,
+    evaluate_multiturn,
+    rollout,
+    sequences_from,
+    train_mtrl,
+)
 from nb_edit.models.lora import lora_state_dict
-from nb_edit.pipeline import Conditioning
-from nb_edit.rewards_multiturn import MultiTurnJudgeReward, MultiTurnOracleReward, cumulative_instructions
-from nb_edit.sampling import flow_sigmas
-from nb_edit.training.mtrl import (MTRLConfig, compute_advantages, evaluate_multiturn, rollout, sequences_from,
-                                   train_mtrl)
-from nb_edit.training.pretrain_judge import judge_tokenizer
+from nb_edit.models.vlm.judge import VLMJudge
+from nb_edit.rewards.multiturn import MultiTurnJudgeReward, MultiTurnOracleReward, cumulative_instructions
+from nb_edit.standins.judge import judge_tokenizer
 
 CFG = world.WorldConfig()
 
@@ -204,7 +210,7 @@ def test_oracle_rewards_and_cumulative_consistency(data):
 
 
 def test_make_reward_reads_the_config(tiny_judge, tmp_path):
-    from nb_edit.training.mtrl import make_reward
+    from nb_edit.methods.mtrl.train import make_reward
 
     tiny_judge.save_pretrained(tmp_path / "judge")
     judged = make_reward(MTRLConfig.for_profile("smoke", judge_id=str(tmp_path / "judge"), reasoning="sampled",

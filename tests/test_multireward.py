@@ -8,12 +8,19 @@ import pytest
 import torch
 
 from nb_edit import world
-from nb_edit.conditioning import (BEST_TEXT, UNKNOWN_TEXT, RewardCondition, RewardConditionedEditor,
-                                  RewardEditPipeline, RewardInputs, sinusoidal_embedding)
-from nb_edit.images import to_tensor, to_uint8
+from nb_edit.core.images import to_tensor, to_uint8
+from nb_edit.methods.multireward.condition import (
+    BEST_TEXT,
+    UNKNOWN_TEXT,
+    RewardCondition,
+    RewardConditionedEditor,
+    RewardEditPipeline,
+    RewardInputs,
+    sinusoidal_embedding,
+)
 from nb_edit.models.editors import build_editor
 from nb_edit.models.tiny_configs import TINY_TEXT_DIM, tiny_flux_config, tiny_unet_config
-from nb_edit.rewards import JudgeReward, multi_perspective, not_followed_text
+from nb_edit.rewards.single_turn import JudgeReward, multi_perspective, not_followed_text
 
 WORLD = world.WorldConfig()
 
@@ -131,8 +138,8 @@ def test_pipeline_keeps_reward_in_every_cfg_branch_and_checks_scores():
 def test_reward_guidance_is_cfg_over_the_reward_and_off_by_default():
     """``reward_guidance = w``: ``v_text(c_R) + (w - 1) (v(c_R) - v(c_unknown))``; ``w = 1`` is the
     paper's sampler, bit for bit; ``w = 0`` samples with the reward unknown."""
+    from nb_edit.flow.pipeline import EditPipeline
     from nb_edit.models.autoencoders import PixelAutoencoder
-    from nb_edit.pipeline import EditPipeline
 
     editor, model = _wrapped("unet")
     with torch.no_grad():  # a condition the editor reads
@@ -276,11 +283,11 @@ def test_failure_text_hook_replaces_the_world_recipe():
 def stage(tmp_path_factory, smoke_standins):
     import os
 
-    from nb_edit.config import RunSettings
+    from nb_edit.core.config import RunSettings
     from nb_edit.data.world_datasets import shapesworld
-    from nb_edit.models.judge import VLMJudge
-    from nb_edit.rewards import annotate_rewards
-    from nb_edit.training.pretrain_judge import judge_tokenizer
+    from nb_edit.models.vlm.judge import VLMJudge
+    from nb_edit.rewards.single_turn import annotate_rewards
+    from nb_edit.standins.judge import judge_tokenizer
 
     root = smoke_standins
     os.environ["NB_EDIT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
@@ -310,7 +317,7 @@ def test_annotate_rewards_writes_rewardedit_records(stage):
 
 @pytest.mark.parametrize("variant", ["reward", "noreward"])
 def test_multireward_trains_both_variants(stage, tmp_path, variant):
-    from nb_edit.training.multireward import MultiRewardConfig, compare_conditions, train_multireward
+    from nb_edit.methods.multireward.train import MultiRewardConfig, compare_conditions, train_multireward
 
     cfg = MultiRewardConfig.for_profile("smoke", variant=variant, editor_id=str(stage["root"] / "noisy"))
     pipe, history = train_multireward(cfg, stage["annotated"], tmp_path / "ckpt", progress=False)
@@ -326,7 +333,7 @@ def test_multireward_trains_both_variants(stage, tmp_path, variant):
 
 
 def test_full_fine_tuning_trains_every_editor_weight_and_resumes(stage, tmp_path):
-    from nb_edit.training.multireward import MultiRewardConfig, train_multireward
+    from nb_edit.methods.multireward.train import MultiRewardConfig, train_multireward
 
     cfg = MultiRewardConfig.for_profile("smoke", editor_id=str(stage["root"] / "noisy"), lora_rank=0)
     pipe, history = train_multireward(cfg, stage["annotated"], tmp_path / "ckpt", progress=False)
@@ -343,7 +350,7 @@ def test_full_fine_tuning_trains_every_editor_weight_and_resumes(stage, tmp_path
 
 
 def test_condition_module_trains_at_its_own_lr_without_weight_decay(stage):
-    from nb_edit.training.multireward import MultiRewardConfig, MultiRewardTrainer
+    from nb_edit.methods.multireward.train import MultiRewardConfig, MultiRewardTrainer
 
     cfg = MultiRewardConfig.for_profile("smoke", editor_id=str(stage["root"] / "noisy"), lr=1e-3,
                                         condition_lr_scale=20.0)
@@ -362,7 +369,7 @@ def test_condition_module_trains_at_its_own_lr_without_weight_decay(stage):
 
 
 def test_condition_use_is_zero_at_init_and_moves_with_the_condition(stage):
-    from nb_edit.training.multireward import MultiRewardConfig, MultiRewardTrainer, condition_use
+    from nb_edit.methods.multireward.train import MultiRewardConfig, MultiRewardTrainer, condition_use
 
     cfg = MultiRewardConfig.for_profile("smoke", editor_id=str(stage["root"] / "noisy"))
     trainer = MultiRewardTrainer(cfg, stage["annotated"])
@@ -382,7 +389,7 @@ def test_condition_use_is_zero_at_init_and_moves_with_the_condition(stage):
 
 @pytest.mark.bad_input
 def test_multireward_refuses_bad_config_and_unannotated_data(stage, tmp_path):
-    from nb_edit.training.multireward import MultiRewardConfig, train_multireward
+    from nb_edit.methods.multireward.train import MultiRewardConfig, train_multireward
 
     with pytest.raises(ValueError, match="variant='rewards'.*reward, noreward"):
         MultiRewardConfig.for_profile("smoke", variant="rewards")
@@ -394,7 +401,7 @@ def test_multireward_refuses_bad_config_and_unannotated_data(stage, tmp_path):
 
 
 def test_record_condition_and_low_score_control():
-    from nb_edit.training.multireward import low_condition, record_condition
+    from nb_edit.methods.multireward.train import low_condition, record_condition
 
     scores, text = record_condition({"following": 2.0, "following_text": "the red circle is not blue", "quality": 4})
     assert scores[0] == 2.0 and math.isnan(scores[1]) and scores[2] == 4.0  # a missing score is unknown

@@ -4,10 +4,10 @@ consistent execution counts. papermill's own parser must read every parameter.""
 import re
 
 import nbformat
-import pytest
 import papermill
+import pytest
 
-from nb_edit import paths
+from nb_edit.core import paths
 
 NOTEBOOKS = sorted(paths.notebooks_dir().glob("[0-9][0-9]_*.ipynb"))
 PARAM_LINE = re.compile(r"^(\w+): (str|int|float|bool|list|dict)\s*=\s*(.+?)\s+#\s*\S.*$")
@@ -38,3 +38,43 @@ def test_notebook_hygiene(path):
     if counts:
         assert None not in counts, f"{path.name}: outputs without execution counts break nbval"
         assert counts == sorted(counts), f"{path.name}: execution counts out of order"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_validates_and_shows_its_results(path):
+    """nbformat's schema holds; the committed copy carries the outputs of a tiny run (a figure or
+    printed numbers), with no widget state, no papermill residue, and no progress bar stuck at 0%."""
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    assert "widgets" not in nb.metadata and "papermill" not in nb.metadata
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert not any("injected-parameters" in c.metadata.get("tags", []) for c in code)
+    outputs = [o for c in code for o in c.get("outputs", [])]
+    assert any(o.output_type == "stream" and o.name == "stdout" or "image/png" in o.get("data", {})
+               for o in outputs), f"{path.name}: committed without results; run `make notebooks`"
+    for o in outputs:
+        assert "application/vnd.jupyter.widget-view+json" not in o.get("data", {}), f"{path.name}: widget output"
+        text = o.get("text", "") if o.output_type == "stream" else ""
+        assert not re.search(r"^\S.*:\s+0%\|", text, re.M), f"{path.name}: a progress bar saved at 0%: {text[:80]!r}"
+
+
+def test_readable_progress_writes_a_bar_s_final_state():
+    from nb_edit.notebook.outputs import readable_progress
+
+    def model(name, **state):
+        return {"model_name": name, "state": state}
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {
+        "box": model("HBoxModel", children=["IPY_MODEL_l", "IPY_MODEL_b", "IPY_MODEL_r"]),
+        "l": model("HTMLModel", value="edits:\u2007100%"), "b": model("FloatProgressModel", value=4.0, max=4.0),
+        "r": model("HTMLModel", value="\u20074/4\u2007[00:01&lt;00:00]")}}}
+    cell = nbformat.v4.new_code_cell("run()", execution_count=1)
+    cell.outputs = [nbformat.v4.new_output("display_data", data={
+        "application/vnd.jupyter.widget-view+json": {"model_id": "box", "version_major": 2, "version_minor": 0},
+        "text/plain": "edits:   0%|          | 0/4"})]
+    nb.cells = [cell]
+    assert readable_progress(nb) == 1
+    assert cell.outputs[0].output_type == "stream" and cell.outputs[0].text == "edits: 100%|██████████| 4/4 [00:01<00:00]\n"
+    assert "widgets" not in nb.metadata
+    nbformat.validate(nb)

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nb_edit.parsing import parse_score, parse_turn_scores, parse_yes_no
+from nb_edit.models.vlm.parsing import parse_score, parse_turn_scores, parse_yes_no
 
 FAST = settings(max_examples=150, deadline=None)
 # scores as judges write them: integers and one or two decimals

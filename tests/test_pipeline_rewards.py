@@ -4,17 +4,19 @@ import numpy as np
 import pytest
 import torch
 
-from nb_edit import evaluation, questions, world
-from nb_edit.images import to_tensor
+from nb_edit import world
+from nb_edit.core.images import to_tensor
+from nb_edit.evaluation import harness
+from nb_edit.flow.pipeline import EditPipeline
 from nb_edit.models.autoencoders import PixelAutoencoder
 from nb_edit.models.editors import build_editor
-from nb_edit.models.judge import VLMJudge
 from nb_edit.models.text import build_tiny_text_encoder
 from nb_edit.models.tiny_configs import tiny_flux_config
-from nb_edit.pipeline import EditPipeline
-from nb_edit.rewards import JudgeReward, OracleReward, removed_object
-from nb_edit.training.pretrain import world_tokenizer
-from nb_edit.training.pretrain_judge import judge_tokenizer
+from nb_edit.models.vlm import questions
+from nb_edit.models.vlm.judge import VLMJudge
+from nb_edit.rewards.single_turn import JudgeReward, OracleReward, removed_object
+from nb_edit.standins.editors import world_tokenizer
+from nb_edit.standins.judge import judge_tokenizer
 
 CFG = world.WorldConfig()
 
@@ -39,7 +41,7 @@ def reward():
 
 
 def test_pipeline_edit_is_deterministic_and_uint8(pipeline, edits):
-    sources = evaluation.render_sources(edits, CFG)
+    sources = harness.render_sources(edits, CFG)
     a = pipeline.edit(sources, [e.instruction for e in edits], steps=2, seed=3)
     b = pipeline.edit(sources, [e.instruction for e in edits], steps=2, seed=3)
     c = pipeline.edit(sources, [e.instruction for e in edits], steps=2, seed=4)
@@ -58,7 +60,7 @@ def test_removed_object_reads_the_instruction(edits):
 
 
 def test_judge_reward_gradient_reaches_the_output_and_remove_flips_target(reward, edits):
-    sources = to_tensor(evaluation.render_sources(edits, CFG))
+    sources = to_tensor(harness.render_sources(edits, CFG))
     outputs = sources.clone().requires_grad_(True)
     instructions, types = [e.instruction for e in edits], [e.edit_type for e in edits]
     logits = reward.question_logits(sources, outputs, instructions, types)
@@ -77,7 +79,7 @@ def test_judge_reward_gradient_reaches_the_output_and_remove_flips_target(reward
 
 
 def test_reward_interfaces_agree_on_shape(reward, edits):
-    sources = to_tensor(evaluation.render_sources(edits, CFG))
+    sources = to_tensor(harness.render_sources(edits, CFG))
     targets = to_tensor(np.stack([world.render(e.target, CFG) for e in edits]))
     judged = reward(sources, [e.instruction for e in edits], targets)
     oracle = OracleReward(CFG)(sources, [e.instruction for e in edits], targets, edits=edits)
@@ -89,11 +91,11 @@ def test_reward_interfaces_agree_on_shape(reward, edits):
 
 
 def test_oracle_scores_and_caption_match(edits):
-    sources = evaluation.render_sources(edits, CFG)
+    sources = harness.render_sources(edits, CFG)
     targets = np.stack([world.render(e.target, CFG) for e in edits])
-    scores = evaluation.oracle_scores(sources, edits, targets, CFG)
+    scores = harness.oracle_scores(sources, edits, targets, CFG)
     assert scores["success"].tolist() == [1.0] * len(edits)
-    unchanged = evaluation.oracle_scores(sources, edits, sources, CFG)
+    unchanged = harness.oracle_scores(sources, edits, sources, CFG)
     assert unchanged["followed"].tolist() == [0.0, 0.0, 0.0, 1.0]  # only "do nothing" is followed
 
     class RenderingTeacher:  # a perfect teacher draws the scene itself
@@ -105,5 +107,5 @@ def test_oracle_scores_and_caption_match(edits):
                              for c in captions])
 
     scenes = [e.source for e in edits]
-    rate, images = evaluation.caption_match(RenderingTeacher(scenes), scenes, CFG)
+    rate, images = harness.caption_match(RenderingTeacher(scenes), scenes, CFG)
     assert rate == 1.0 and images.shape == (len(scenes), 32, 32, 3)

@@ -13,8 +13,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nb_edit.training.checkpoint import (capture_rng, latest_checkpoint, list_checkpoints,
-                                         load_checkpoint, restore_rng, save_checkpoint)
+from nb_edit.training.checkpoint import (
+    capture_rng,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
 from nb_edit.training.loop import LoopConfig, NonFiniteError, train
 
 WORKER = Path(__file__).with_name("resume_worker.py")

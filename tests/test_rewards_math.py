@@ -1,13 +1,21 @@
-"""Reward maths on hand-made arrays (nb_edit.rewards_math)."""
+"""Reward maths on hand-made arrays (nb_edit.rewards.formulas)."""
 
 import math
 
 import pytest
 import torch
 
-from nb_edit.rewards_math import (aggregate_turns, broadcast_advantage, expected_score, full_vocab_ce,
-                                  fuse_rewards, group_advantages, per_turn_advantages, temperature_ramp,
-                                  yesno_loss)
+from nb_edit.rewards.formulas import (
+    aggregate_turns,
+    broadcast_advantage,
+    expected_score,
+    full_vocab_ce,
+    fuse_rewards,
+    group_advantages,
+    per_turn_advantages,
+    temperature_ramp,
+    yesno_loss,
+)
 
 
 def test_yesno_loss_by_hand():

@@ -1,4 +1,4 @@
-"""Flow-GRPO and DiffusionNFT losses, reward mapping and EMA (nb_edit.rl)."""
+"""Flow-GRPO and DiffusionNFT losses, reward mapping and EMA (nb_edit.methods.mtrl.policy)."""
 
 import math
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from nb_edit.rl import ema_update, grpo_loss, kl_to_reference, nft_loss, normalise_rewards_01
-from nb_edit.sampling import sde_step_with_logprob
+from nb_edit.flow.sampling import sde_step_with_logprob
+from nb_edit.methods.mtrl.policy import ema_update, grpo_loss, kl_to_reference, nft_loss, normalise_rewards_01
 
 
 def test_grpo_loss_at_ratio_one_is_minus_mean_advantage():

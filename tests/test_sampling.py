@@ -1,4 +1,4 @@
-"""Flow schedule, Euler sampler, NP-Edit unroll and Flow-GRPO SDE step (nb_edit.sampling)."""
+"""Flow schedule, Euler sampler, NP-Edit unroll and Flow-GRPO SDE step (nb_edit.flow.sampling)."""
 
 import math
 
@@ -7,8 +7,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from torch import nn
 
-from nb_edit.sampling import (euler_sample, flow_sigmas, sde_sample, sde_step_with_logprob,
-                              unroll_two_steps)
+from nb_edit.flow.sampling import euler_sample, flow_sigmas, sde_sample, sde_step_with_logprob, unroll_two_steps
 
 torch.set_num_threads(1)
 

@@ -1,4 +1,4 @@
-"""Tests for nb_edit.stats, nb_edit.viz and nb_edit.widgets (no browser, no downloads)."""
+"""Tests for nb_edit.evaluation.stats, nb_edit.notebook.viz and nb_edit.notebook.widgets (no browser, no downloads)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from scipy import stats as scipy_stats
 
 matplotlib.use("Agg")
 
-from nb_edit import stats, viz, widgets  # noqa: E402
-from nb_edit.validation import BadInputError  # noqa: E402
+from nb_edit.core.validation import BadInputError  # noqa: E402
+from nb_edit.evaluation import stats  # noqa: E402
+from nb_edit.notebook import viz, widgets
 
 SIZE = 16
 UPLOAD_TIME = datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc)  # FileUpload wants a datetime
@@ -257,16 +258,17 @@ def test_button_passes_the_chosen_model_and_steps_and_shows_the_judge(app):
 
 
 def test_uploaded_png_goes_through_the_loader(app, monkeypatch):
-    import nb_edit.images
+    import nb_edit.core.images
+    import nb_edit.notebook.widgets
 
     calls = []
-    real_load_image = nb_edit.images.load_image
+    real_load_image = nb_edit.core.images.load_image
 
     def spy(path, **kwargs):
         calls.append(kwargs)
         return real_load_image(path, **kwargs)
 
-    monkeypatch.setattr(nb_edit.images, "load_image", spy)
+    monkeypatch.setattr(nb_edit.notebook.widgets, "load_image", spy)
     picture = np.zeros((40, 40, 3), np.uint8)
     picture[:, :20] = (0, 255, 0)
     buffer = io.BytesIO()
@@ -291,7 +293,7 @@ def test_uploaded_png_goes_through_the_loader(app, monkeypatch):
 
 
 def test_upload_falls_back_to_pil_without_the_images_module(monkeypatch):
-    monkeypatch.setitem(sys.modules, "nb_edit.images", None)  # makes the import raise ImportError
+    monkeypatch.setitem(sys.modules, "nb_edit.core.images", None)  # makes the import raise ImportError
     buffer = io.BytesIO()
     Image.fromarray(np.full((8, 12, 3), 77, np.uint8)).save(buffer, format="PNG")
     decoded = widgets.decode_upload(buffer.getvalue(), "x.png", (SIZE, SIZE))

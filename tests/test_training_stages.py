@@ -7,7 +7,6 @@ import pytest
 import torch
 
 
-
 @pytest.fixture(scope="module")
 def pretrained(smoke_standins):
     return smoke_standins
@@ -19,8 +18,9 @@ def data(smoke_data):
 
 
 def test_pretrain_writes_every_part_in_hub_layout(pretrained):
-    from nb_edit.models.judge import VLMJudge
-    from nb_edit.training.pretrain import PretrainConfig, load_pipeline
+    from nb_edit.flow.pipeline import load_pipeline
+    from nb_edit.models.vlm.judge import VLMJudge
+    from nb_edit.standins.editors import PretrainConfig
 
     for part in ("teacher", "clean", "noisy", "judge"):
         made = json.loads((pretrained / part / "made_by.json").read_text())
@@ -36,15 +36,15 @@ def test_pretrain_writes_every_part_in_hub_layout(pretrained):
 
 
 def test_pretrain_skips_what_is_made(pretrained, capsys):
-    from nb_edit.training import pretrain_all
+    from nb_edit.standins import pretrain
 
-    pretrain_all.run(parts=["teacher"], profile="smoke", root=pretrained)
+    pretrain.run(parts=["teacher"], profile="smoke", root=pretrained)
     assert "already made" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("variant", ["full", "vlm_only"])
 def test_npedit_trains_without_targets(pretrained, data, tmp_path, variant):
-    from nb_edit.training.npedit import NPEditConfig, train_npedit
+    from nb_edit.methods.npedit.train import NPEditConfig, train_npedit
 
     cfg = NPEditConfig.for_profile("smoke", variant=variant, teacher_id=str(pretrained / "teacher"),
                                    judge_id=str(pretrained / "judge"))
@@ -57,9 +57,7 @@ def test_npedit_trains_without_targets(pretrained, data, tmp_path, variant):
 
 
 def test_npedit_copy_warmup_comes_first_and_reads_sources_only(pretrained, data, tmp_path):
-    from nb_edit.training.npedit import NPEditConfig, train_npedit
-
-    from nb_edit.training.npedit import NPEditTrainer, warmup_key
+    from nb_edit.methods.npedit.train import NPEditConfig, NPEditTrainer, train_npedit, warmup_key
 
     cfg = NPEditConfig.for_profile("smoke", teacher_id=str(pretrained / "teacher"), judge_id=str(pretrained / "judge"),
                                    copy_warmup_steps=2, steps=1)
@@ -95,7 +93,7 @@ def test_npedit_copy_warmup_comes_first_and_reads_sources_only(pretrained, data,
 
 
 def test_npedit_refuses_paired_data(pretrained, data, tmp_path):
-    from nb_edit.training.npedit import NPEditConfig, train_npedit
+    from nb_edit.methods.npedit.train import NPEditConfig, train_npedit
 
     cfg = NPEditConfig.for_profile("smoke", teacher_id=str(pretrained / "teacher"), judge_id=str(pretrained / "judge"))
     with pytest.raises(AssertionError, match="without pairs"):
@@ -103,7 +101,7 @@ def test_npedit_refuses_paired_data(pretrained, data, tmp_path):
 
 
 def test_npedit_rejects_unknown_variant():
-    from nb_edit.training.npedit import NPEditConfig
+    from nb_edit.methods.npedit.train import NPEditConfig
 
     with pytest.raises(ValueError, match="variant='dmd'.*full, dmd_only"):
         NPEditConfig.for_profile("tiny", variant="dmd")
@@ -113,9 +111,9 @@ def test_npedit_rejects_unknown_variant():
 def test_npedit_skips_and_counts_an_unreadable_source(data, tmp_path):
     import shutil
 
+    from nb_edit.core.validation import SkipCounter
     from nb_edit.data.store import read_dataset
-    from nb_edit.training.npedit import load_unpaired
-    from nb_edit.validation import SkipCounter
+    from nb_edit.methods.npedit.train import load_unpaired
 
     folder = tmp_path / "unpaired"
     shutil.copytree(data["root"] / "unpaired", folder)
@@ -131,12 +129,12 @@ def test_npedit_skips_and_counts_an_unreadable_source(data, tmp_path):
 
 def test_remade_part_replaces_the_old_one_whole(tmp_path):
     from nb_edit.models.loaders import resolve_backbone
-    from nb_edit.training import pretrain_all
+    from nb_edit.standins import pretrain
 
     stale = tmp_path / "teacher" / "transformer"  # what a part made with another backbone left
     stale.mkdir(parents=True)
     (stale / "config.json").write_text("{}")
-    pretrain_all.run(parts=["teacher"], profile="smoke", root=tmp_path, force=True)
+    pretrain.run(parts=["teacher"], profile="smoke", root=tmp_path, force=True)
     assert not stale.exists() and (tmp_path / "teacher" / "made_by.json").exists()
     assert resolve_backbone(tmp_path / "teacher") in ("unet", "dit")
     assert not list(tmp_path.glob(".*.partial"))
@@ -144,7 +142,7 @@ def test_remade_part_replaces_the_old_one_whole(tmp_path):
 
 def test_judge_feedback_pool_asks_the_editors_outputs_and_every_score_question(pretrained, tmp_path, monkeypatch):
     from nb_edit.data.judge_qa import SCORE_KINDS
-    from nb_edit.training.pretrain_judge import JudgeConfig, build_feedback_pool
+    from nb_edit.standins.judge import JudgeConfig, build_feedback_pool
 
     monkeypatch.setenv("NB_EDIT_CACHE", str(tmp_path / "cache"))
     cfg = JudgeConfig.for_profile("smoke", score_share=1.0, chain_share=0.0, editor_share=0.5, presence_share=0.0)
@@ -161,7 +159,7 @@ def test_judge_feedback_pool_asks_the_editors_outputs_and_every_score_question(p
 def test_judge_hard_stage_runs_last_on_fresh_questions_with_stage_4_mixed_in(pretrained, tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from nb_edit.training.pretrain_judge import JudgeConfig, build_hard_pool, build_pool, concat_pools
+    from nb_edit.standins.judge import JudgeConfig, build_hard_pool, build_pool, concat_pools
 
     made = json.loads((pretrained / "judge" / "made_by.json").read_text())
     cfg = JudgeConfig.for_profile("smoke")
@@ -182,11 +180,11 @@ def test_judge_hard_stage_runs_last_on_fresh_questions_with_stage_4_mixed_in(pre
 
 @pytest.mark.bad_input
 def test_pretrain_judge_refuses_to_start_before_the_editors(tmp_path, monkeypatch):
-    from nb_edit.training import pretrain_all
+    from nb_edit.standins import pretrain
 
     monkeypatch.setenv("NB_EDIT_CACHE", str(tmp_path / "cache"))
     with pytest.raises(SystemExit, match="--only clean,noisy"):
-        pretrain_all.run(parts=["judge"], profile="smoke", root=tmp_path / "pretrained")
+        pretrain.run(parts=["judge"], profile="smoke", root=tmp_path / "pretrained")
     assert not (tmp_path / "pretrained" / ".judge.partial").exists()  # nothing half-made is left behind
 
 
@@ -195,11 +193,11 @@ def test_evaluate_pool_reads_each_score_question_over_its_own_digits(monkeypatch
     more of it the higher the label, so a 0-5 reading would rank the outputs backwards."""
     from types import SimpleNamespace
 
-    from nb_edit.models.judge import VLMJudge, single_token_id
-    from nb_edit.training import pretrain_judge
+    from nb_edit.models.vlm.judge import VLMJudge, single_token_id
+    from nb_edit.standins import judge as standin_judge
     from nb_edit.world import WorldConfig
 
-    judge = VLMJudge.tiny("llava", pretrain_judge.judge_tokenizer(WorldConfig()), image_size=32, vision_layers=1,
+    judge = VLMJudge.tiny("llava", standin_judge.judge_tokenizer(WorldConfig()), image_size=32, vision_layers=1,
                           text_layers=1)
     labels = [1, 2, 3, 4, 5, 2, 4, 5]
     n = len(labels)
@@ -217,7 +215,7 @@ def test_evaluate_pool_reads_each_score_question_over_its_own_digits(monkeypatch
         return logits
 
     fake_logits.offset = 0
-    monkeypatch.setattr(pretrain_judge, "qa_logits", fake_logits)
-    result = pretrain_judge.evaluate_pool(judge, pool, batch=3)
+    monkeypatch.setattr(standin_judge, "qa_logits", fake_logits)
+    result = standin_judge.evaluate_pool(judge, pool, batch=3)
     assert result["acc_if_score"] == 0.0  # argmax is "0", never the label
     assert result["spearman_if_score"] == pytest.approx(1.0)

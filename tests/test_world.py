@@ -6,9 +6,29 @@ import re
 import numpy as np
 import pytest
 
-from nb_edit.world import (CORRUPTIONS, EDIT_TYPES, INVALID_KINDS, Edit, Obj, Scene, WorldConfig, caption, degrade,
-                           judge, noisy_target, parse, parse_accuracy, propose_candidates, render, sample_chain,
-                           sample_edit, sample_edit_of_type, sample_scene, vocabulary, words)
+from nb_edit.world import (
+    CORRUPTIONS,
+    EDIT_TYPES,
+    INVALID_KINDS,
+    Edit,
+    Obj,
+    Scene,
+    WorldConfig,
+    caption,
+    degrade,
+    judge,
+    noisy_target,
+    parse,
+    parse_accuracy,
+    propose_candidates,
+    render,
+    sample_chain,
+    sample_edit,
+    sample_edit_of_type,
+    sample_scene,
+    vocabulary,
+    words,
+)
 from nb_edit.world.config import BG_TEXTURES, OBJECT_COLOURS, SHAPES, TEXTURES
 from nb_edit.world.phrasing import TEMPLATES
 

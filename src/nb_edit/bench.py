@@ -3,7 +3,7 @@
 Each figure is the median of ``repeats`` timed calls after ``warmup`` untimed ones, beside the
 same work done the plain way on the same models and inputs, and their ratio:
 
-* **NP-Edit training step** (``training.npedit.NPEditTrainer.step`` plus backward, clipping and
+* **NP-Edit training step** (``methods.npedit.train.NPEditTrainer.step`` plus backward, clipping and
   the optimizer step, as ``loop.train`` runs it): one frozen base with two LoRA adapters
   (generator, fake score; the teacher is the base with adapters off) and 8-bit AdamW, against
   :class:`FullCopiesNPEditTrainer`: the same step (same losses, same code) on three separate
@@ -51,14 +51,25 @@ import numpy as np
 import torch
 from torch import nn
 
-from nb_edit import paths, questions, world
-from nb_edit.images import to_tensor
+from nb_edit import world
+from nb_edit.core import paths
+from nb_edit.core.images import to_tensor
+from nb_edit.core.validation import SkipCounter
+from nb_edit.data.judge_qa import random_edit
+from nb_edit.flow.losses import flow_matching_loss
+from nb_edit.flow.pipeline import load_pipeline
+from nb_edit.flow.sampling import unroll_two_steps
+from nb_edit.methods.npedit.train import NPEditConfig, NPEditTrainer
 from nb_edit.models.editors import editing_base
 from nb_edit.models.loaders import load_editor, save_components
-from nb_edit.models.lora import lora_parameters
+from nb_edit.models.lora import attach_lora, lora_parameters
+from nb_edit.models.text import build_tiny_text_encoder
+from nb_edit.models.vlm import questions
+from nb_edit.models.vlm.judge import LLAVA_IMAGE_TOKEN, VLMJudge
+from nb_edit.models.vlm.parsing import parse_yes_no
+from nb_edit.standins.editors import PretrainConfig, build_teacher, world_tokenizer
+from nb_edit.standins.judge import JudgeConfig, judge_tokenizer
 from nb_edit.training.loop import LoopConfig, make_optimizer
-from nb_edit.training.npedit import NPEditConfig, NPEditTrainer
-from nb_edit.validation import SkipCounter
 
 MB = 2**20
 
@@ -168,17 +179,13 @@ def device_info(device: torch.device) -> dict[str, str]:
 def make_random_standins(root: Path, seed: int = 0) -> dict[str, Path]:
     """A random teacher (the tiny profile's backbone + text encoder) and judge at the tiny profile's sizes,
     in the hub layout."""
-    from nb_edit.models.judge import VLMJudge
-    from nb_edit.models.text import build_tiny_text_encoder
-    from nb_edit.training.pretrain import PretrainConfig, build_teacher, world_tokenizer
-    from nb_edit.training.pretrain_judge import JudgeConfig, judge_tokenizer
 
-    wcfg = world.WorldConfig()
+    world_cfg = world.WorldConfig()
     torch.manual_seed(seed)
-    teacher = build_teacher(PretrainConfig().backbone, wcfg.resolution)
-    save_components(root / "teacher", editor=teacher, text_encoder=build_tiny_text_encoder(world_tokenizer(wcfg)))
+    teacher = build_teacher(PretrainConfig().backbone, world_cfg.resolution)
+    save_components(root / "teacher", editor=teacher, text_encoder=build_tiny_text_encoder(world_tokenizer(world_cfg)))
     sizes = JudgeConfig()  # the tiny profile's judge (not for_profile: the smoke override must not shrink it)
-    judge = VLMJudge.tiny(sizes.family, judge_tokenizer(wcfg), image_size=wcfg.resolution, seed=seed,
+    judge = VLMJudge.tiny(sizes.family, judge_tokenizer(world_cfg), image_size=world_cfg.resolution, seed=seed,
                           vision_layers=sizes.vision_layers, text_layers=sizes.text_layers, hidden=sizes.hidden)
     judge.save_pretrained(root / "judge")
     return {"teacher": root / "teacher", "judge": root / "judge"}
@@ -190,7 +197,6 @@ class UnpairedEdits:
     n_paired = 0
 
     def __init__(self, n: int, seed: int = 0, cfg: world.WorldConfig | None = None):
-        from nb_edit.data.judge_qa import random_edit
 
         self.cfg = cfg or world.WorldConfig()
         rng = np.random.default_rng(seed)
@@ -248,7 +254,6 @@ class FullCopiesNPEditTrainer(NPEditTrainer):
                 copies[role].enable_gradient_checkpointing()
 
     def generate(self, batch, gen):
-        from nb_edit.sampling import unroll_two_steps
 
         cond = self.pipe.condition(batch.instructions, batch.sources)
         noise = torch.randn(batch.sources.shape, generator=gen).to(self.device)
@@ -316,7 +321,6 @@ def bench_npedit_step(standins: dict[str, Path], batch_size: int = 16, repeats: 
 
 # ------------------------------------------------------------------------------------ judge
 def _yes_no_parser(text: str) -> float | None:
-    from nb_edit.parsing import parse_yes_no
 
     verdict = parse_yes_no(text)
     return None if verdict is None else float(verdict)
@@ -324,7 +328,6 @@ def _yes_no_parser(text: str) -> float | None:
 
 def _judge_inputs(batch: int, seed: int, resolution: int = 32):
     """(source, other render) pairs in [-1, 1] with their NP-Edit questions, several per pair."""
-    from nb_edit.data.judge_qa import random_edit
 
     cfg = dataclasses.replace(world.WorldConfig(), resolution=resolution) if resolution != 32 else world.WorldConfig()
     rng = np.random.default_rng(seed)
@@ -406,8 +409,6 @@ def run_cpu_benchmarks(repeats: int = 5, warmup: int = 1, batch_size: int = 16, 
                        seed: int = 0, progress: Callable[[str], None] | None = print
                        ) -> tuple[dict[str, float], dict[str, str]]:
     """Every CPU benchmark: (flat metrics ``bench.*`` with ``.baseline`` / ``.speedup``, device info)."""
-    from nb_edit.models.judge import VLMJudge
-    from nb_edit.training.pretrain import load_pipeline
 
     say = progress or (lambda message: None)
     previous_threads = torch.get_num_threads()
@@ -505,9 +506,6 @@ def bench_gpu_dit_step(folder: Path, resolution: int = 1024, text_tokens: int = 
     the random FLUX.1-Kontext-sized DiT: seconds, peak memory (MB) and model FLOPs of the step."""
     import bitsandbytes
 
-    from nb_edit.dmd import flow_matching_loss
-    from nb_edit.models.lora import attach_lora
-
     device = torch.device("cuda")
     editor = load_editor(folder, "dit", quantization=quantization, dtype=torch.bfloat16, device=device,
                          latent_channels=KONTEXT_LATENT_CHANNELS)
@@ -551,9 +549,6 @@ def llava_7b_judge(seed: int = 0, image_size: int = 336):
     """A judge shaped like LLaVA-1.5-7B (CLIP ViT-L/14-336 + a 32-layer 4096-wide Llama), random bf16
     weights on the GPU, with the tiny judge's word-level tokenizer (cost does not depend on it)."""
     from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration
-
-    from nb_edit.models.judge import LLAVA_IMAGE_TOKEN, VLMJudge
-    from nb_edit.training.pretrain_judge import judge_tokenizer
 
     tokenizer = judge_tokenizer(world.WorldConfig())
     tokenizer.add_special_tokens({"extra_special_tokens": [LLAVA_IMAGE_TOKEN]}, replace_extra_special_tokens=False)

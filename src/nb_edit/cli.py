@@ -2,7 +2,9 @@
 
 * ``run``    - execute every notebook in order with papermill into ``papermill_runs/<run_id>/``,
                then write the run's ``config.json`` and ``report.md`` (what ``make run`` calls);
-* ``report``   - rewrite the report of an existing run;
+* ``report``   - rewrite the report of an existing run (``--to docs/results.md`` for the results page);
+* ``publish``  - copy a run's executed notebooks into ``notebooks/`` (what ``make notebooks`` calls);
+* ``train``    - one training stage from the command line (``accelerate launch`` / ``torchrun`` ready);
 * ``pretrain`` - make the tiny stand-ins for hub models shipped in ``data/pretrained/``
                  (what ``make pretrain`` calls; each part is skipped when already made);
 * ``bench``    - time the project's fast paths against the plain way (``nb_edit.bench``),
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -21,7 +24,10 @@ from typing import Any
 
 import yaml
 
-from . import __version__, paths, report, runs
+from nb_edit import __version__
+from nb_edit.core import paths, runs
+from nb_edit.evaluation import report
+from nb_edit.notebook import outputs
 
 
 def notebook_list(only: str | None = None) -> list[Path]:
@@ -108,6 +114,9 @@ def _execute(pm, book: Path, out: Path, params: dict[str, Any], args: argparse.N
     except pm.PapermillExecutionError as exc:
         print(f"{book.name} failed: {exc.ename}: {exc.evalue}", file=sys.stderr)
         return False
+    finally:
+        if out.exists():  # progress bars as their last line of text, for viewers without widgets
+            outputs.clean_file(out)
     return True
 
 
@@ -162,22 +171,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_publish(args: argparse.Namespace) -> int:
+    """Copy a run's executed notebooks into notebooks/ as the committed copies with outputs."""
+    run = runs.open_run(args.run_id)
+    books = [book for book in notebook_list(args.only) if (run.dir / book.name).exists()]
+    if not books:
+        raise SystemExit(f"publish: run {args.run_id!r} holds no executed notebook; run `make notebooks` "
+                         "or `python -m nb_edit run --run-id NAME` first.")
+    for book in books:
+        outputs.publish(run.dir / book.name, book)
+        print(f"{run.dir / book.name} -> {book}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     run = runs.open_run(args.run_id)
-    print(report.write_report(run))
+    print(report.write_report(run, title=args.title, to=args.to))
     return 0
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from .training import pretrain_all
+    from nb_edit.standins import pretrain  # lazy: torch and the models; `run` and `report` need neither
 
-    pretrain_all.run(parts=args.only.split(",") if args.only else None, profile=args.profile,
+    pretrain.run(parts=args.only.split(",") if args.only else None, profile=args.profile,
                      force=args.force, seed=args.seed, num_threads=args.threads)
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from . import bench
+    from nb_edit import bench  # lazy: torch and the models; `run` and `report` need neither
 
     metrics, device = bench.run_cpu_benchmarks(repeats=args.repeats, warmup=args.warmup, batch_size=args.batch_size,
                                                judge_batch=args.batch_size, sampling_batch=args.batch_size,
@@ -196,13 +218,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import os
-
     import torch.distributed as dist
 
-    from . import cache
-    from .config import RunSettings
-    from .data.world_datasets import shapesworld
+    from nb_edit.core.config import RunSettings  # lazy: as above
+    from nb_edit.data.world_datasets import shapesworld  # lazy: as above
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed and not dist.is_initialized():  # launched by accelerate launch / torchrun
@@ -211,7 +230,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}
         if args.stage != "npedit":
             raise SystemExit(f"train: stage {args.stage!r} has no command yet; use npedit.")
-        from .training.npedit import NPEditConfig, train_npedit
+        from nb_edit.methods.npedit.train import NPEditConfig, train_npedit  # lazy: as above
+        from nb_edit.methods.registry import run_dir  # lazy: as above
 
         cfg = NPEditConfig.for_profile(args.profile, **overrides)
         settings = RunSettings.for_profile(args.profile)
@@ -220,7 +240,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 shapesworld(settings, seed=0)
             dist.barrier()
         data = shapesworld(settings, seed=0)
-        ckpt = cache.checkpoint_dir("npedit", {**cfg.to_dict(), "data": str(data["root"])})
+        ckpt = run_dir("npedit", cfg, data["root"])
         _, history = train_npedit(cfg, data["unpaired"], Path(args.ckpt_dir) if args.ckpt_dir else ckpt)
         warm = sum("loss_copy" in h for h in history)
         print(f"train npedit: {len(history) - warm} steps after {warm} copy warm-up steps, last loss_vlm "
@@ -245,7 +265,13 @@ def main(argv: list[str] | None = None) -> int:
     run.set_defaults(func=cmd_run)
     rep = sub.add_parser("report", help="rewrite report.md of a run")
     rep.add_argument("--run-id", required=True)
+    rep.add_argument("--to", default=None, help="write it to this file instead, e.g. docs/results.md")
+    rep.add_argument("--title", default=None, help="the report's heading (default: the run id)")
     rep.set_defaults(func=cmd_report)
+    pub = sub.add_parser("publish", help="copy a run's executed notebooks into notebooks/ (the committed outputs)")
+    pub.add_argument("--run-id", required=True)
+    pub.add_argument("--only", default=None, help="comma-separated notebook numbers, e.g. 00,01")
+    pub.set_defaults(func=cmd_publish)
     pre = sub.add_parser("pretrain", help="make the shipped tiny stand-ins (teacher, editors, judge)")
     pre.add_argument("--only", default=None, help="comma-separated parts: teacher,clean,noisy,judge")
     pre.add_argument("--profile", default="tiny", help="tiny (shipped sizes) or smoke (seconds, for tests)")

@@ -31,10 +31,10 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from nb_edit import world
+from nb_edit.core.validation import BadInputError, check_instruction
 from nb_edit.data.schema import EditRecord
 from nb_edit.world.config import BACKGROUND_COLOURS, OBJECT_COLOURS, SHAPES, TEXTURES
 from nb_edit.world.phrasing import DIRECTIONS, GENERIC_NOUNS, TEMPLATES
-from nb_edit.validation import BadInputError, check_instruction
 
 
 @dataclasses.dataclass

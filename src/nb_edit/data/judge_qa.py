@@ -7,7 +7,7 @@ and target (hard negatives). Every label comes from the oracle's verdict on the 
 pixels (``world.judge`` / ``world.parse``), never from how the output was made, so a label
 is right even where a corruption happened to be harmless.
 
-Questions follow :mod:`nb_edit.questions` (the NP-Edit pair, the remove variant, presence,
+Questions follow :mod:`nb_edit.models.vlm.questions` (the NP-Edit pair, the remove variant, presence,
 quality) and, for the judge's feedback stage, every score question a method asks: Multi-Reward's
 following and preserving scores (0-5) and MT-EditFlow's IF and CC (1-5, CC also against the
 original of a multi-turn chain under the joined instructions), labelled with the oracle's
@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nb_edit import questions, world
+from nb_edit import world
+from nb_edit.models.vlm import questions
 from nb_edit.world.config import OBJECT_COLOURS
 from nb_edit.world.render import object_layer
 
@@ -142,13 +143,11 @@ def chain_example(scene: world.Scene, rng: np.random.Generator, cfg: world.World
     Labelled as the oracle's multi-turn CC (lowest per-turn CC): the earlier turns are correct,
     so it is the last turn's verdict on its own input.
     """
-    from nb_edit.rewards_multiturn import TURN_JOINER
-
     chain = world.sample_chain(scene, rng, cfg, n_turns=int(rng.integers(2, 4)))
     last = chain[-1]
     output = candidate_output(last, kind, rng, cfg)
     verdict = world.judge(world.render(last.source, cfg), last, output, cfg)
-    joined = TURN_JOINER.join(e.instruction for e in chain)
+    joined = questions.TURN_JOINER.join(e.instruction for e in chain)
     return QAExample(world.render(chain[0].source, cfg), output, questions.CC_SCORE.format(instruction=joined),
                      _digit(world.graded_score(verdict.preserved, verdict.quality, *SCORE_RANGES["cc_chain"])), "cc_chain")
 

@@ -26,11 +26,11 @@ from typing import Any
 import numpy as np
 import skimage.data
 
+from nb_edit.core.images import ImageConversionWarning
+from nb_edit.core.paths import cache_dir, data_dir
+from nb_edit.core.validation import BadInputError, check_edit_type
 from nb_edit.data.schema import EditRecord
 from nb_edit.data.store import INFO_FILE, read_dataset, write_dataset
-from nb_edit.images import ImageConversionWarning
-from nb_edit.paths import cache_dir, data_dir
-from nb_edit.validation import BadInputError, check_edit_type
 
 REAL_EDIT_CATEGORIES = ("local", "remove", "add", "texture", "background", "global", "style")
 

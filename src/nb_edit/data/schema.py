@@ -22,7 +22,7 @@ from os import PathLike
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from nb_edit.validation import BadInputError, check_instruction
+from nb_edit.core.validation import BadInputError, check_instruction
 
 SPLITS = ("train", "val", "test")
 # Splits are assigned by hashing a key with this seed (see assign_split); changing it reshuffles

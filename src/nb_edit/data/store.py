@@ -40,6 +40,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from nb_edit.core.images import load_image
+from nb_edit.core.validation import BadInputError, SkipCounter, read_jsonl
 from nb_edit.data.schema import (
     FILE_SUFFIX,
     IMAGE_FIELDS,
@@ -50,8 +52,6 @@ from nb_edit.data.schema import (
     assign_split,
     validate_record,
 )
-from nb_edit.images import load_image
-from nb_edit.validation import BadInputError, SkipCounter, read_jsonl
 
 FORMAT_VERSION = 1
 INFO_FILE = "dataset.json"
@@ -68,7 +68,7 @@ def _write_image(value: Any, destination: Path, name: str) -> None:
     if isinstance(value, np.ndarray):
         if value.dtype != np.uint8 or value.ndim not in (2, 3) or (value.ndim == 3 and value.shape[2] not in (1, 3, 4)):
             raise BadInputError(f"image {name!r}", f"expected a uint8 array (H, W), (H, W, 3) or (H, W, 4), "
-                                f"got {value.dtype} {value.shape}", "convert it with nb_edit.images.to_uint8")
+                                f"got {value.dtype} {value.shape}", "convert it with nb_edit.core.images.to_uint8")
         Image.fromarray(value[..., 0] if value.ndim == 3 and value.shape[2] == 1 else value).save(destination)
     elif isinstance(value, (bytes, bytearray)):
         destination.write_bytes(value)
@@ -226,7 +226,7 @@ class EditDataset(Sequence[EditRecord]):
     def load(self, index: int, size: int | tuple[int, int] | None = None, fit: str = "crop") -> dict[str, Any]:
         """The record as a dict with ``source`` / ``target`` replaced by uint8 (H, W, 3) arrays
         (``target`` None when unpaired), resized to ``size`` with ``fit`` ("crop" or "pad",
-        see ``nb_edit.images.load_image``). Raises ``BadInputError`` for an unreadable image."""
+        see ``nb_edit.core.images.load_image``). Raises ``BadInputError`` for an unreadable image."""
         sample = self._records[index].to_dict()
         for field in IMAGE_FIELDS:
             path = self.image_path(index, field)

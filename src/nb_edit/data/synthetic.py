@@ -25,17 +25,10 @@ from typing import Any
 import numpy as np
 
 from nb_edit import world
-from nb_edit.data.curation import (
-    OracleValidityFilter,
-    Proposer,
-    Reference,
-    TemplateProposer,
-    ValidityFilter,
-    curate,
-)
+from nb_edit.core.validation import BadInputError
+from nb_edit.data.curation import OracleValidityFilter, Proposer, Reference, TemplateProposer, ValidityFilter, curate
 from nb_edit.data.schema import SPLIT_SEED, SPLITS, EditRecord, assign_split
 from nb_edit.data.store import EditDataset, read_dataset, write_dataset
-from nb_edit.validation import BadInputError
 
 TEST_SEED = 20_251_122  # the seed every test split is drawn with, whatever the run's seed
 # Scene routing fractions: a tenth of all possible scenes belong to val, a tenth to test.

@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from nb_edit import cache, paths, world
+from nb_edit import world
+from nb_edit.core import cache, paths
 from nb_edit.data.curation import ValidityFilter
 from nb_edit.data.store import read_dataset
 from nb_edit.data.synthetic import build_multiturn, build_paired, build_test_set, build_unpaired
@@ -30,7 +31,7 @@ def dataset_root(settings: Any, seed: int, filter_name: str, cfg: world.WorldCon
 
 def shapesworld(settings: Any, seed: int = 0, validity_filter: ValidityFilter | None = None,
                 filter_name: str = "oracle", cfg: world.WorldConfig | None = None) -> dict[str, Any]:
-    """Every ShapesWorld dataset for ``settings`` (a :class:`~nb_edit.config.RunSettings`)."""
+    """Every ShapesWorld dataset for ``settings`` (a :class:`~nb_edit.core.config.RunSettings`)."""
     cfg = cfg or world.WorldConfig()
     root = dataset_root(settings, seed, filter_name, cfg)
     names = ("unpaired", "paired", "noisy", "multiturn", "test")

@@ -23,7 +23,7 @@ initialisation the UNet editor computes exactly what the teacher does).
 ``extra_time_embedding`` ([B, time_embedding_dim]) is added to the backbone's timestep embedding,
 the hook Multi-Reward as Condition (sec. 3) uses to let every block see the reward condition.
 ``input_embedding_module()`` names the layer whose output is the first feature tokens (UNet
-``conv_in``, DiT ``x_embedder``), where ``nb_edit.conditioning`` hooks its reward cross-attention.
+``conv_in``, DiT ``x_embedder``), where ``nb_edit.methods.multireward.condition`` hooks its reward cross-attention.
 """
 
 from __future__ import annotations

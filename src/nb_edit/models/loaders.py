@@ -20,8 +20,13 @@ import os
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-from diffusers import UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxTransformer2DModel,
+    UNet2DConditionModel,
+)
 from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
 from nb_edit.models.autoencoders import KLAutoencoder, PixelAutoencoder

@@ -31,8 +31,8 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from nb_edit.core.runtime import set_seed
 from nb_edit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from nb_edit.utils import set_seed
 
 log = logging.getLogger(__name__)
 

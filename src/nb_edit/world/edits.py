@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .config import LUMA, BACKGROUND_COLOURS, OBJECT_COLOURS, WorldConfig
+from .config import BACKGROUND_COLOURS, LUMA, OBJECT_COLOURS, WorldConfig
 from .phrasing import DIRECTIONS, phrase, thing
 from .render import changed_region
-from .scene import Scene, caption, fits, place, random_object
+from .scene import Scene, caption, fits, place, random_object, sample_scene
 
 EDIT_TYPES: tuple[str, ...] = ("add", "remove", "replace", "colour", "texture", "resize", "move",
                                "background", "style", "count", "noop")
@@ -230,7 +230,6 @@ def sample_edit_of_type(rng: np.random.Generator, cfg: WorldConfig, edit_type: s
     Raises ValueError when no scene out of ``max_scenes`` admits it (the world's settings
     forbid that type, e.g. ``count`` with ``max_objects=1``).
     """
-    from .scene import sample_scene
 
     if edit_type is not None and edit_type not in EDIT_TYPES:
         raise ValueError(f"edit_type={edit_type!r} is unknown; use one of {EDIT_TYPES}.")

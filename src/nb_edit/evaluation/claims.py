@@ -1,0 +1,260 @@
+"""The three papers' claims in the tiny world, as plain data, and their verdicts on a run's metrics.
+
+A :class:`Claim` names its paper and section, says what the paper found, and carries a rule: one
+or more :class:`Comparison` of metric keys, ``left op factor * right``, all of which must hold.
+The keys are those notebooks 03 and 05-07 record (``papermill_runs/<run>/metrics.json``).
+
+:func:`evaluate_claims` reads a metrics dict and gives one :class:`Row` per claim:
+
+* every compared quantity as its mean with a 95% interval over seeds. A seed study stores the
+  mean under the key and ``<key>.sd`` / ``<key>.n`` beside it (``runs.seed_summary``); the
+  interval is Student-t, ``mean +- t_{0.975, n-1} sd / sqrt(n)`` (``stats.mean_ci_from_summary``).
+  A key without ``.n`` is one seed and has no interval;
+* the verdict: ``"not measured"`` when a key of the rule is missing, else ``"reproduced"`` when
+  every comparison holds on the means, else ``"not reproduced"``; a rule that holds only because
+  every quantity it compares is 0 (``0 >= 0.9 * 0``: all methods failed alike) is
+  ``"inconclusive"``, counted as measured and not as reproduced;
+* a note per comparison: whether the two intervals overlap (overlap: the difference is not
+  significant at 95%; disjoint: it is), whether a value measured once lies inside the other
+  side's interval, or that one seed on both sides gives no interval; and when the means tie
+  or every quantity is 0, that the comparison carries no information, so a reader can tell a
+  ``>=`` that holds as ``0 >= 0`` from a real one.
+
+:func:`claims_markdown` renders the rows for the report and notebook 08;
+:func:`claims_metrics` gives ``eval.claims_reproduced``, ``eval.claims_measured`` and
+``eval.claims_total`` (every claim, measured or not).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+from nb_edit.core.validation import BadInputError
+from nb_edit.evaluation.stats import Interval, mean_ci_from_summary
+
+__all__ = ["CLAIMS", "Claim", "Comparison", "Row", "claims_markdown", "claims_metrics", "evaluate_claims",
+           "quantity"]
+
+VERDICTS = ("reproduced", "not reproduced", "inconclusive", "not measured")
+_OPERATORS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
+_SYMBOLS = {">": ">", ">=": "≥", "<": "<", "<=": "≤"}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """``metrics[left] op factor * metrics[right]`` on the means."""
+
+    left: str
+    op: str
+    right: str
+    factor: float = 1.0
+
+    def __post_init__(self):
+        if self.op not in _OPERATORS:
+            raise BadInputError(f"Comparison op {self.op!r}", "unknown", f"use one of {sorted(_OPERATORS)}")
+
+    @property
+    def keys(self) -> tuple[str, str]:
+        return self.left, self.right
+
+
+@dataclass(frozen=True)
+class Claim:
+    id: str
+    paper: str
+    section: str
+    statement: str
+    comparisons: tuple[Comparison, ...]
+
+    @property
+    def keys(self) -> list[str]:
+        return list(dict.fromkeys(key for c in self.comparisons for key in c.keys))
+
+
+def _ablation(variant: str, what: str) -> Claim:
+    return Claim(f"npedit-ablation-{variant.replace('_', '-')}", "NP-Edit", "experiments: ablations",
+                 f"{what} scores below the full method (oracle success).",
+                 (Comparison(f"npedit.{variant}.oracle_success", "<", "npedit.full.oracle_success"),))
+
+
+def _perspective(metric: str, what: str) -> Claim:
+    return Claim(f"multireward-{metric.split('_')[0]}", "Multi-Reward", "Sec. 6.2, Tab. 1; App. C.2, Tab. 8",
+                 f"Trained on the same noisy triplets, the reward-conditioned editor asked for the best score "
+                 f"beats the editor trained without the condition on {what}.",
+                 (Comparison(f"multireward.reward.{metric}", ">", f"multireward.noreward.{metric}"),))
+
+
+# The claims of the tiny world. Multi-Reward's three perspectives are three claims, as the paper
+# reports each perspective on its own (following 47.7 -> 57.1, preserving 4.21 -> 4.50, quality
+# 4.33 -> 4.41): one row per perspective shows which of them reproduce.
+CLAIMS: tuple[Claim, ...] = (
+    Claim("npedit-vs-supervised", "NP-Edit", "experiments: comparison with paired-data editors",
+          "Trained without any editing pair, NP-Edit is on par with an editor of the same architecture "
+          "trained on clean pairs: at least 90% of its oracle success.",
+          (Comparison("npedit.full.oracle_success", ">=", "models.supervised_clean.oracle_success", 0.9),)),
+    Claim("npedit-vs-flowgrpo", "NP-Edit", "experiments: comparison with Flow-GRPO",
+          "With the same VLM as reward, NP-Edit beats single-turn Flow-GRPO (oracle success; Flow-GRPO's "
+          "is turn 1 of the multi-turn test sequences).",
+          (Comparison("npedit.full.oracle_success", ">", "mtrl.grpo_singleturn.turn1_success"),)),
+    _ablation("dmd_only", "DMD alone (no VLM feedback)"),
+    _ablation("vlm_only", "VLM feedback alone (no DMD)"),
+    _ablation("no_identity", "Dropping the identity-preservation question"),
+    _ablation("full_vocab", "The full-vocabulary cross-entropy instead of the yes/no softmax"),
+    _perspective("following_acc", "instruction following (share of the judge's \"yes\")"),
+    _perspective("preserving", "detail preserving (judge score 0-5)"),
+    _perspective("quality", "generation quality (judge score 0-5)"),
+    Claim("multireward-low-score", "Multi-Reward", "Sec. 6.4, Tab. 6",
+          "Asking the reward-conditioned editor for low scores degrades its edits below both editors asked "
+          "for the best (oracle success): the condition is used.",
+          (Comparison("multireward.low_score.oracle_success", "<", "multireward.reward.oracle_success"),
+           Comparison("multireward.low_score.oracle_success", "<", "multireward.noreward.oracle_success"))),
+    Claim("mtrl-grpo-raises-turn3", "MT-EditFlow", "experiments: main results",
+          "Multi-turn Flow-GRPO with the broadcast advantage raises turn-3 success over the base editor.",
+          (Comparison("mtrl.grpo_broadcast.turn3_success", ">", "mtrl.base.turn3_success"),)),
+    Claim("mtrl-nft-raises-turn3", "MT-EditFlow", "experiments: main results",
+          "Multi-turn DiffusionNFT with the broadcast advantage raises turn-3 success over the base editor.",
+          (Comparison("mtrl.nft_broadcast.turn3_success", ">", "mtrl.base.turn3_success"),)),
+    # The tiny editors rarely get three turns in a row right (turn-3 success can be 0 for every
+    # variant, an inconclusive 0 vs 0); the same claim on the turn-3 edit alone stays measurable.
+    *(Claim(f"mtrl-{algo}-raises-turn3-task", "MT-EditFlow", "experiments: main results (tiny proxy)",
+            f"{name} with the broadcast advantage raises turn-3 task success (turn 3 judged on the image "
+            "it edited, whatever turns 1-2 did) over the base editor.",
+            (Comparison(f"mtrl.{algo}_broadcast.turn3_task_success", ">", "mtrl.base.turn3_task_success"),))
+      for algo, name in (("grpo", "Multi-turn Flow-GRPO"), ("nft", "Multi-turn DiffusionNFT"))),
+    Claim("mtrl-broadcast-grpo", "MT-EditFlow", "analysis: advantage broadcasting",
+          "Broadcasting the trajectory advantage to every turn at least matches per-turn advantages "
+          "(Flow-GRPO, turn-3 success).",
+          (Comparison("mtrl.grpo_broadcast.turn3_success", ">=", "mtrl.grpo_perturn.turn3_success"),)),
+    Claim("mtrl-broadcast-nft", "MT-EditFlow", "analysis: advantage broadcasting",
+          "Broadcasting the trajectory advantage to every turn at least matches per-turn advantages "
+          "(DiffusionNFT, turn-3 success).",
+          (Comparison("mtrl.nft_broadcast.turn3_success", ">=", "mtrl.nft_perturn.turn3_success"),)),
+    # Notebook 07 records the oracle's turn-k success and consistency of both fusion levels (the
+    # "gold" metrics), not the judge's IF/CC rewards at the end of training; so hacking shows here
+    # as what it costs on the gold metrics: reward-level fusion trading consistency (CC) or success
+    # for the reward it hacks.
+    Claim("mtrl-advantage-fusion", "MT-EditFlow", "analysis: reward fusion level",
+          "Fusing IF and CC at the advantage level resists hacking one reward: against reward-level "
+          "fusion it keeps at least the oracle's consistency and turn-3 success.",
+          (Comparison("mtrl.grpo_broadcast.consistency", ">=", "mtrl.grpo_reward_fusion.consistency"),
+           Comparison("mtrl.grpo_broadcast.turn3_success", ">=", "mtrl.grpo_reward_fusion.turn3_success"))),
+)
+
+
+def quantity(metrics: Mapping[str, float], key: str, ci: float = 0.95) -> Interval | None:
+    """The mean of ``key`` with its interval over seeds, or None when the run did not record it."""
+    if key not in metrics:
+        return None
+    mean = float(metrics[key])
+    n = metrics.get(f"{key}.n", 1)
+    sd = metrics.get(f"{key}.sd", 0.0)
+    return mean_ci_from_summary(mean, float(sd), int(round(float(n))), ci)
+
+
+@dataclass
+class Row:
+    """A claim with its quantities (key -> interval; None = not recorded), verdict and notes."""
+
+    claim: Claim
+    quantities: dict[str, Interval | None]
+    verdict: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def missing(self) -> list[str]:
+        return [key for key, value in self.quantities.items() if value is None]
+
+    @property
+    def note(self) -> str:
+        return "; ".join(self.notes)
+
+
+def _significance(left: Interval, right: Interval, factor: float) -> str:
+    """Whether the 95% intervals of the two sides overlap (the right side scaled by ``factor``).
+
+    When only one side has an interval (a seed study beside a figure measured once, such as a
+    shipped model's), the other side's value is checked against it.
+    """
+    low, high = sorted((factor * right.low, factor * right.high))
+    if left.degenerate and right.degenerate:
+        return "1 seed: no interval, significance unknown"
+    if left.degenerate or right.degenerate:
+        value, (lo, hi), n = ((left.mean, (low, high), right.n) if left.degenerate
+                              else (factor * right.mean, (left.low, left.high), left.n))
+        where = "outside it: significant" if value < lo or value > hi else "inside it: not significant"
+        return f"one side measured once, the other over {n} seeds: the single value lies {where}"
+    if left.high < low or left.low > high:
+        return "intervals disjoint: significant"
+    return "intervals overlap: not significant"
+
+
+def _judge(comparison: Comparison, left: Interval, right: Interval) -> tuple[bool, str]:
+    holds = _OPERATORS[comparison.op](left.mean, comparison.factor * right.mean)
+    note = _significance(left, right, comparison.factor)
+    if left.mean == 0.0 and right.mean == 0.0:
+        note += "; both are 0: no information"
+    elif math.isclose(left.mean, comparison.factor * right.mean, rel_tol=0.0, abs_tol=1e-12):
+        note += "; the means tie"
+    return holds, note
+
+
+def evaluate_claims(metrics: Mapping[str, float], claims: Sequence[Claim] = CLAIMS, ci: float = 0.95) -> list[Row]:
+    """One :class:`Row` per claim on ``metrics`` (a flat dict as in ``metrics.json``)."""
+    if not isinstance(metrics, Mapping):
+        raise BadInputError("metrics", f"expected a dict of metric key -> number, got {type(metrics).__name__}",
+                            "pass runs.read_metrics(run) or json.load of a metrics.json")
+    rows = []
+    for claim in claims:
+        values = {key: quantity(metrics, key, ci) for key in claim.keys}
+        missing = [key for key, value in values.items() if value is None]
+        if missing:
+            rows.append(Row(claim, values, "not measured", [f"missing: {', '.join(missing)}"]))
+            continue
+        results = [_judge(c, values[c.left], values[c.right]) for c in claim.comparisons]
+        verdict = "reproduced" if all(holds for holds, _ in results) else "not reproduced"
+        if verdict == "reproduced" and all(values[c.left].mean == 0.0 and values[c.right].mean == 0.0
+                                           for c in claim.comparisons):
+            verdict = "inconclusive"  # "0 >= 0" holds and says nothing: every method failed alike
+        notes = [note if len(results) == 1 else f"({i + 1}) {note}" for i, (_, note) in enumerate(results)]
+        rows.append(Row(claim, values, verdict, notes))
+    return rows
+
+
+def _cell(value: Interval | None) -> str:
+    if value is None:
+        return "missing"
+    if value.degenerate:
+        return f"{value.mean:.3f} (1 seed)"
+    return f"{value.mean:.3f} [{value.low:.3f}, {value.high:.3f}] ({value.n} seeds)"
+
+
+def _measured(comparison: Comparison, quantities: Mapping[str, Interval | None]) -> str:
+    """"`left` 0.412 (1 seed) > 0.9 × `right` 0.300 (1 seed)": the rule with its numbers."""
+    factor = "" if comparison.factor == 1.0 else f"{comparison.factor:g} × "
+    return (f"`{comparison.left}` {_cell(quantities[comparison.left])} {_SYMBOLS[comparison.op]} {factor}"
+            f"`{comparison.right}` {_cell(quantities[comparison.right])}")
+
+
+def claims_markdown(rows: Sequence[Row]) -> str:
+    """A markdown table: claim, paper and section, statement, measured quantities, verdict, note."""
+    lines = ["| claim | paper, section | statement | measured (mean, 95% interval over seeds) | verdict | note |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        measured = "<br>".join(_measured(c, row.quantities) for c in row.claim.comparisons)
+        verdict = f"**{row.verdict}**" if row.verdict == "reproduced" else row.verdict
+        lines.append(f"| `{row.claim.id}` | {row.claim.paper}, {row.claim.section} | {row.claim.statement} | "
+                     f"{measured} | {verdict} | {row.note} |")
+    counts = claims_metrics(rows)
+    lines += ["", f"{counts['eval.claims_reproduced']:.0f} of {counts['eval.claims_total']:.0f} claims reproduced "
+              f"({counts['eval.claims_measured']:.0f} measured)."]
+    return "\n".join(lines)
+
+
+def claims_metrics(rows: Sequence[Row]) -> dict[str, float]:
+    """``eval.claims_reproduced``, ``eval.claims_measured`` and ``eval.claims_total`` (all claims)."""
+    return {"eval.claims_reproduced": float(sum(row.verdict == "reproduced" for row in rows)),
+            "eval.claims_measured": float(sum(row.verdict != "not measured" for row in rows)),
+            "eval.claims_total": float(len(rows))}

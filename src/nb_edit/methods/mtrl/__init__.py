@@ -1,0 +1,2 @@
+"""MT-EditFlow: multi-turn RL for editing (Flow-GRPO, DiffusionNFT). See README.md here.
+"""

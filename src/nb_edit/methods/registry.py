@@ -1,0 +1,175 @@
+"""The one owner of "a trained run": the variants of each paper's notebook, the configuration
+each variant gets from the notebook's parameters, and the folder (cache key) it trains into.
+
+Notebooks 05-07 build their runs here (:func:`npedit_configs`, :func:`multireward_configs`,
+:func:`mtrl_configs`, :func:`run_dir`), the CLI too, and notebook 08 finds the same runs again
+(:func:`trained_runs`). A run's folder is keyed by its configuration, its data and the shipped
+stand-ins it started from, so re-creating the same configuration and calling the trainer's
+``fit`` on the same folder returns the trained model without a training step: the loop resumes
+at its last checkpoint, which is the end of the run. :attr:`TrainedRun.status` says whether a
+run finished, and :meth:`TrainedRun.load` loads a finished run and refuses any other, so
+evaluating never trains.
+
+A notebook's ``steps`` parameter of 0 means the profile's default, which lives with the stage's
+configuration (``PROFILES``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from nb_edit.core import cache, paths
+from nb_edit.data.store import read_dataset
+from nb_edit.methods.mtrl.train import MTRLConfig, train_mtrl
+from nb_edit.methods.multireward.train import MultiRewardConfig, train_multireward
+from nb_edit.methods.npedit.train import NPEditConfig, NPEditTrainer, shared_warmup_dir
+from nb_edit.training.checkpoint import STEP_PREFIX, latest_checkpoint
+
+__all__ = ["MTRL_VARIANTS", "MULTIREWARD_VARIANTS", "NPEDIT_VARIANTS", "STAGES", "TrainedRun", "mtrl_configs",
+           "multireward_configs", "npedit_configs", "reward_annotations", "run_dir", "trained_runs"]
+
+STAGES = ("npedit", "multireward", "mtrl")
+NOTEBOOK = {"npedit": "05_npedit", "multireward": "06_multi_reward", "mtrl": "07_multiturn_rl"}
+NPEDIT_VARIANTS = ("full", "dmd_only", "vlm_only", "no_identity", "full_vocab")  # the paper's ablations
+MULTIREWARD_VARIANTS = ("noreward", "reward")
+MTRL_VARIANTS: dict[str, dict[str, Any]] = {  # name -> MTRLConfig settings
+    "grpo_broadcast": dict(algorithm="grpo", advantage="broadcast"),
+    "grpo_perturn": dict(algorithm="grpo", advantage="perturn"),
+    "nft_broadcast": dict(algorithm="nft", advantage="broadcast"),
+    "nft_perturn": dict(algorithm="nft", advantage="perturn"),
+    "grpo_reward_fusion": dict(algorithm="grpo", advantage="broadcast", fusion="reward"),
+    "grpo_singleturn": dict(algorithm="grpo", n_turns=1),
+}
+
+
+@dataclass
+class TrainedRun:
+    """One training run of notebooks 05-07: its configuration, checkpoint folder and data.
+
+    ``ckpt_dir`` is None when the run's data is itself absent (notebook 06's annotated triplets).
+    """
+
+    name: str  # e.g. "npedit_full", "multireward_reward", "mtrl_grpo_broadcast"
+    stage: str
+    config: Any
+    ckpt_dir: Path | None
+    dataset: Any
+    missing_data: str = ""
+    warmup_dir: Path | None = None  # NP-Edit: the copy warm-up the variants share (notebook 05)
+
+    @property
+    def done_steps(self) -> int:
+        latest = latest_checkpoint(self.ckpt_dir) if self.ckpt_dir is not None else None
+        return int(latest.name[len(STEP_PREFIX):]) if latest is not None else 0
+
+    @property
+    def finished(self) -> bool:
+        return self.ckpt_dir is not None and self.done_steps >= self.config.steps
+
+    @property
+    def status(self) -> str:
+        if self.ckpt_dir is None:
+            return f"absent ({self.missing_data})"
+        done = self.done_steps
+        if done >= self.config.steps:
+            return f"finished ({self.config.steps} steps)"
+        return f"partial ({done} of {self.config.steps} steps)" if done else "absent (never trained)"
+
+    def load(self):
+        """The trained editor as a pipeline, read from its last checkpoint (no training step)."""
+        if not self.finished:
+            raise RuntimeError(f"{self.name}: {self.status} in {self.ckpt_dir}; run notebooks/"
+                               f"{NOTEBOOK[self.stage]}.ipynb with the same parameters first (it trains into "
+                               "the artifact cache), then evaluate")
+        if self.stage == "npedit":
+            trainer = NPEditTrainer(self.config, self.dataset)
+            trainer.fit(self.ckpt_dir, progress=False, warmup_dir=self.warmup_dir)
+            return trainer.edit_pipeline()
+        if self.stage == "multireward":
+            return train_multireward(self.config, self.dataset, self.ckpt_dir, progress=False)[0]
+
+        return train_mtrl(self.config, self.dataset, self.ckpt_dir, progress=False)[0]
+
+
+def run_dir(stage: str, cfg, data_folder) -> Path:
+    """The folder a run trains into: the one cache key of a trained run (its stage, its
+    configuration, the data it trained on, the shipped stand-ins)."""
+    return cache.checkpoint_dir(stage, {**cfg.to_dict(), "data": str(data_folder)})
+
+
+def _variant_names(wanted: str | Sequence[str], known: Sequence[str], stage: str) -> list[str]:
+    names = [v.strip() for v in wanted.split(",")] if isinstance(wanted, str) else list(wanted)
+    names = [v for v in names if v] or list(known)
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise ValueError(f"{stage} variants {unknown} are unknown; choose from {', '.join(known)}.")
+    return names
+
+
+def npedit_configs(profile: str, *, seed: int = 0, steps: int = 0, teacher_id: str = "", judge_id: str = "",
+                   variants: str | Sequence[str] = "") -> dict[str, NPEditConfig]:
+    """Notebook 05's runs: variant name -> configuration (``variants`` "" means every ablation)."""
+    return {v: NPEditConfig.for_profile(profile, variant=v, teacher_id=teacher_id, judge_id=judge_id, seed=seed,
+                                        steps=steps or None)
+            for v in _variant_names(variants, NPEDIT_VARIANTS, "npedit")}
+
+
+def multireward_configs(profile: str, *, seed: int = 0, steps: int = 0, editor_id: str = "",
+                        overrides: dict | None = None) -> dict[str, MultiRewardConfig]:
+    """Notebook 06's runs; ``overrides`` are more ``MultiRewardConfig`` settings and win over ``steps``."""
+    settings = {**dict(seed=seed, editor_id=editor_id, steps=steps or None), **(overrides or {})}
+    return {v: MultiRewardConfig.for_profile(profile, variant=v, **settings) for v in MULTIREWARD_VARIANTS}
+
+
+def mtrl_configs(profile: str, *, seed: int = 0, steps: int = 0, policy_id: str = "",
+                 judge_id: str = "") -> dict[str, MTRLConfig]:
+    """Notebook 07's runs: variant name -> configuration."""
+    return {name: MTRLConfig.for_profile(profile, seed=seed, policy_id=policy_id, judge_id=judge_id,
+                                         steps=steps or None, **settings)
+            for name, settings in MTRL_VARIANTS.items()}
+
+
+def reward_annotations(data: dict, judge_id: str = ""):
+    """(folder, dataset or None) of notebook 06's judge annotations of the noisy training triplets:
+    the folder is keyed by the data, the judge, the number of triplets and the stand-ins."""
+    noisy = data["noisy"].split("train")
+    folder = paths.cache_dir() / "rewardedit" / cache.config_key(
+        {"data": str(data["root"]), "judge": str(judge_id), "n": len(noisy), "standins": cache.standins_fingerprint()})
+    if not (folder / "dataset.json").exists():
+        return folder, None
+
+    return folder, read_dataset(folder)
+
+
+def trained_runs(profile: str, seed: int, data: dict, *, steps: int = 0, judge_id: str = "",
+                 teacher_id: str = "", editor_id: str = "", policy_id: str = "",
+                 overrides: dict | None = None, stages: Sequence[str] = STAGES) -> list[TrainedRun]:
+    """Every run notebooks 05-07 make with these parameters (the notebooks' parameter names;
+    ``steps=0`` means the profile's default), found or not in the artifact cache.
+
+    ``data`` is ``data.world_datasets.shapesworld(settings, seed=0)``, as the notebooks build it.
+    """
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise ValueError(f"stages {sorted(unknown)} are unknown; use some of {', '.join(STAGES)}.")
+    root = data["root"]
+    runs: list[TrainedRun] = []
+    if "npedit" in stages:
+        configs = npedit_configs(profile, seed=seed, steps=steps, teacher_id=teacher_id, judge_id=judge_id)
+        for variant, cfg in configs.items():
+            runs.append(TrainedRun(f"npedit_{variant}", "npedit", cfg, run_dir("npedit", cfg, root), data["unpaired"],
+                                   warmup_dir=shared_warmup_dir(cfg, root) if cfg.copy_warmup_steps else None))
+    if "multireward" in stages:
+        folder, annotated = reward_annotations(data, judge_id)
+        missing = "" if annotated is not None else "notebook 06's judge annotations are not in the cache"
+        configs = multireward_configs(profile, seed=seed, steps=steps, editor_id=editor_id, overrides=overrides)
+        for variant, cfg in configs.items():
+            ckpt = run_dir("multireward", cfg, folder) if annotated is not None else None
+            runs.append(TrainedRun(f"multireward_{variant}", "multireward", cfg, ckpt, annotated, missing))
+    if "mtrl" in stages:
+        train_sequences = data["multiturn"].split("train")
+        for name, cfg in mtrl_configs(profile, seed=seed, steps=steps, policy_id=policy_id, judge_id=judge_id).items():
+            runs.append(TrainedRun(f"mtrl_{name}", "mtrl", cfg, run_dir("mtrl", cfg, root), train_sequences))
+    return runs

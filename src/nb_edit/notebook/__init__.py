@@ -1,0 +1,2 @@
+"""Notebook helpers: figures (``viz``) and the ipywidgets editor (``widgets``).
+"""

@@ -1,0 +1,92 @@
+"""``make pretrain``: every tiny stand-in, in dependency order, into ``data/pretrained/``.
+
+teacher -> supervised editors (clean, noisy; initialised from the teacher) -> judge (its last two
+stages question the editors' outputs). Each part
+is skipped when its folder is complete (``made_by.json`` is written last) unless ``force``;
+an interrupted part resumes from its checkpoints in ``data/cache/pretrain/<part>/<config key>/``
+(a changed configuration starts afresh instead of resuming someone else's weights). The training
+summaries are merged into ``data/pretrained/pretrain_metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from nb_edit.core import cache, paths
+from nb_edit.core.runtime import torch_threads
+from nb_edit.standins import editors, judge
+
+PARTS = ("teacher", "clean", "noisy", "judge")
+
+
+def part_dir(name: str, root: Path | None = None) -> Path:
+    return (root or paths.pretrained_dir()) / name
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / "made_by.json").exists()
+
+
+def _record(root: Path, name: str, summary: dict) -> None:
+    """Merge one part's summary into ``pretrain_metrics.json`` (locked: parts may train in parallel)."""
+    import fcntl
+
+    path = root / "pretrain_metrics.json"
+    with open(root / ".pretrain_metrics.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = json.loads(path.read_text()) if path.exists() else {}
+        data[name] = {k: v for k, v in summary.items() if k != "loss_curve"}
+        path.write_text(json.dumps(data, indent=2, sort_keys=True))
+
+
+def run(parts: list[str] | None = None, profile: str = "tiny", force: bool = False, seed: int = 0,
+        root: Path | None = None, num_threads: int | None = None) -> None:
+    root = root or paths.pretrained_dir()
+    unknown = set(parts or ()) - set(PARTS)
+    if unknown:
+        raise SystemExit(f"pretrain: unknown part(s) {sorted(unknown)}; choose from {', '.join(PARTS)}.")
+    ckpt_root = paths.cache_dir() / "pretrain" / profile
+    for name in parts or PARTS:
+        out = part_dir(name, root)
+        if is_complete(out) and not force:
+            print(f"pretrain: {name} already made ({out}); --force remakes it")
+            continue
+        # built in a staging folder that replaces ``out`` only when complete: a remade part never
+        # mixes old and new files (say a DiT's transformer/ beside a UNet's unet/), and an
+        # interrupted remake leaves the previous part in place
+        staging = out.parent / f".{name}.partial"
+        if name == "judge":
+
+            cfg = judge.JudgeConfig.for_profile(profile, seed=seed, num_threads=num_threads)
+        else:
+            cfg = editors.PretrainConfig.for_profile(profile, seed=seed, num_threads=num_threads)
+        # threads change speed, not results: they stay out of the checkpoint key
+        ckpt = ckpt_root / name / cache.config_key({**cfg.to_dict(), "num_threads": None, "part": name})
+        if force:
+            shutil.rmtree(ckpt, ignore_errors=True)
+        teacher = part_dir("teacher", root)
+        if name in ("clean", "noisy") and not is_complete(teacher):
+            raise SystemExit(f"pretrain: {name} starts from the teacher, which is not made yet; "
+                             "run `make pretrain` (or --only teacher) first.")
+        if name == "judge" and cfg.editor_share > 0:
+            missing = [e for e in cfg.editors if not is_complete(part_dir(e, root))]
+            if missing:
+                raise SystemExit(f"pretrain: the judge's feedback stage draws outputs of the editors {missing}, "
+                                 "which are not made yet; run `make pretrain` (or `python -m nb_edit pretrain --only clean,noisy`) first.")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        print(f"pretrain: {name} -> {out}", flush=True)
+        with torch_threads(cfg.num_threads):
+            if name == "judge":
+                summary = judge.train_judge(cfg, staging, ckpt, editors_root=root)
+            elif name == "teacher":
+                summary = editors.train_teacher(cfg, staging, ckpt)
+            else:
+                summary = editors.train_supervised_editor(cfg, teacher, staging, ckpt, noisy=(name == "noisy"))
+        editors.write_made_by(staging, name, cfg, summary)
+        shutil.rmtree(out, ignore_errors=True)
+        staging.rename(out)
+        _record(root, name, summary)
+        print(f"pretrain: {name} done in {summary['wall_s']:.0f} s, final loss {summary['final_loss']:.4f}")

@@ -8,6 +8,7 @@ draws the same map.
 from __future__ import annotations
 
 import ast
+import re
 import textwrap
 from pathlib import Path
 
@@ -145,3 +146,17 @@ def test_the_check_accepts_a_downward_import_and_an_explained_lazy_one(tmp_path)
 @pytest.mark.parametrize("layer", LAYERS)
 def test_every_layer_is_a_folder_or_module(layer):
     assert (SRC / "nb_edit" / layer).is_dir() or (SRC / "nb_edit" / f"{layer}.py").is_file()
+
+
+def test_the_architecture_map_matches_the_tree():
+    """docs/architecture.md names every folder and top-level module of the package, and every
+    entry of its map exists: the map a newcomer reads is the tree they will open."""
+    block = (paths.repo_root() / "docs" / "architecture.md").read_text().split("```")[1]
+    package = SRC / "nb_edit"
+    folders = [p for p in package.rglob("__init__.py") if p.parent != package]
+    expected = {p.parent.name + "/" for p in folders} | {p.name for p in package.glob("*.py") if not p.name.startswith("__")}
+    missing = sorted(name for name in expected if not re.search(rf"(^|\s){re.escape(name)}", block, re.M))
+    assert not missing, f"in the tree but not in docs/architecture.md: {missing}"
+    listed = {line.split()[0] for line in block.splitlines()[1:] if line.strip()}
+    listed = {name for name in listed if name.endswith(("/", ".py")) and name != "src/nb_edit/"}
+    assert listed <= expected, f"in docs/architecture.md but not in the tree: {sorted(listed - expected)}"

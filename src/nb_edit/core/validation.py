@@ -39,10 +39,13 @@ def _closest(value: object, allowed) -> str:
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
-def check_instruction(text: object, max_words: int = 64, name: str = "instruction") -> str:
+def check_instruction(text: object, max_words: int = 64, name: str = "instruction",
+                      max_chars: int = 1000) -> str:
     """Return the instruction stripped of surrounding blanks, or raise for an unusable one.
 
-    ``max_words`` guards the text encoders, which truncate silently (CLIP at 77 tokens).
+    ``max_words`` guards the text encoders, which truncate silently (CLIP at 77 tokens);
+    ``max_chars`` guards against text that is one "word" only by count (a 5 MB string without
+    spaces), which would otherwise reach the tokenizer, the metadata and every log line.
     """
     if not isinstance(text, str):
         raise BadInputError(name, f"expected a str, got {type(text).__name__} ({text!r:.60})",
@@ -51,6 +54,9 @@ def check_instruction(text: object, max_words: int = 64, name: str = "instructio
     if not stripped:
         raise BadInputError(name, "the instruction is empty",
                             "write what to change, e.g. 'make the circle red'")
+    if len(stripped) > max_chars:
+        raise BadInputError(f"{name} {stripped[:40]!r}...", f"{len(stripped):,} characters, over the limit of "
+                            f"{max_chars:,}", f"shorten it to at most {max_chars:,} characters or raise max_chars")
     n_words = len(stripped.split())
     if n_words > max_words:
         raise BadInputError(f"{name} {stripped[:40]!r}...", f"{n_words} words, over the limit of "
@@ -158,6 +164,13 @@ class SkipCounter:
             log.warning("%s: skipped a sample (%s) %s", self.name, reason, detail)
         if self.seen >= self.min_seen:
             self._check()
+
+    def retract(self, reason: str, detail: str = "") -> None:
+        """Move one sample already counted good to skipped: a later stage (loading its image,
+        parsing a field the reader does not look at) found it bad. Counting it as a new skip
+        instead would count it twice and understate the share of bad samples."""
+        self.good = max(0, self.good - 1)
+        self.skip(reason, detail)
 
     def finish(self) -> None:
         if self.seen:

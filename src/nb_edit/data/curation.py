@@ -31,7 +31,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from nb_edit import world
-from nb_edit.core.validation import BadInputError, check_instruction
+from nb_edit.core.validation import BadInputError, SkipCounter, check_instruction
 from nb_edit.data.schema import EditRecord
 from nb_edit.world.config import BACKGROUND_COLOURS, OBJECT_COLOURS, SHAPES, TEXTURES
 from nb_edit.world.phrasing import DIRECTIONS, GENERIC_NOUNS, TEMPLATES
@@ -141,15 +141,20 @@ class CallableProposer:
     """Wraps ``fn(source_image, caption) -> iterable of str or dict`` (an LLM / VLM prompt).
 
     A dict may carry ``instruction`` (required), ``edit_type``, ``caption_edited`` and
-    ``subject``; a plain string is an instruction alone.
+    ``subject``; a plain string is an instruction alone. A proposal whose instruction is unusable
+    (blank, not text, too long: ``check_instruction``) is what a language model writes now and
+    then: it is skipped and counted in ``counter`` (``invalid_instruction``), which raises only
+    when such proposals pass its threshold. A proposal of the wrong shape is a bug in ``fn`` and raises.
     """
 
     FIELDS = ("instruction", "edit_type", "caption_edited", "subject")
 
-    def __init__(self, fn: Callable[[np.ndarray, str], Iterable[str | dict[str, Any]]]):
+    def __init__(self, fn: Callable[[np.ndarray, str], Iterable[str | dict[str, Any]]],
+                 counter: SkipCounter | None = None):
         if not callable(fn):
             raise BadInputError("proposer fn", f"got a {type(fn).__name__}", "pass a function (image, caption) -> proposals")
         self.fn = fn
+        self.counter = counter if counter is not None else SkipCounter(name="proposed instructions")
 
     def propose(self, reference: Reference, rng: np.random.Generator) -> list[Candidate]:
         candidates = []
@@ -162,7 +167,13 @@ class CallableProposer:
             unknown = set(proposal) - set(self.FIELDS)
             if unknown:
                 raise BadInputError(f"proposal keys {sorted(unknown)}", "unknown", f"use {', '.join(self.FIELDS)}")
-            text = check_instruction(proposal.get("instruction"), name="proposed instruction")
+            try:
+                text = check_instruction(proposal.get("instruction"),
+                                         name=f"instruction proposed for reference {reference.id!r}")
+            except BadInputError as error:
+                self.counter.skip("invalid_instruction", str(error))
+                continue
+            self.counter.ok()
             candidates.append(Candidate(**{**proposal, "instruction": text}))
         return candidates
 

@@ -16,7 +16,6 @@ format, and :func:`load_real_edit` reads them back through ``read_dataset`` and
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Callable, Sequence
 from os import PathLike
@@ -28,8 +27,8 @@ import skimage.data
 
 from nb_edit.core.images import ImageConversionWarning
 from nb_edit.core.paths import cache_dir, data_dir
-from nb_edit.core.validation import BadInputError, check_edit_type
-from nb_edit.data.schema import EditRecord
+from nb_edit.core.validation import BadInputError, SkipCounter, check_edit_type, read_jsonl
+from nb_edit.data.schema import EditRecord, RecordError, validate_record
 from nb_edit.data.store import INFO_FILE, read_dataset, write_dataset
 
 REAL_EDIT_CATEGORIES = ("local", "remove", "add", "texture", "background", "global", "style")
@@ -62,32 +61,50 @@ def load_photo(name: str) -> np.ndarray:
     return PHOTOS[name][0]()
 
 
-def read_instructions(path: str | PathLike | None = None) -> list[dict[str, Any]]:
-    """The benchmark's instructions, checked: known photo, Real-Edit category, unique ids."""
+INSTRUCTION_KEYS = ("id", "photo", "edit_type", "instruction", "caption", "caption_edited")
+
+
+def read_instructions(path: str | PathLike | None = None, counter: SkipCounter | None = None) -> list[dict[str, Any]]:
+    """The benchmark's instructions, checked: known photo, Real-Edit category, a usable instruction
+    and captions (``schema.validate_record``), unique ids.
+
+    A bad line is skipped and counted in ``counter`` (default: ``SkipCounter``'s limits, named
+    after the file), never read half-way: ``not_utf8`` / ``invalid_json`` / ``missing_keys``
+    (named ``file:line``), ``unknown_photo``, ``unknown_edit_type``, ``invalid_record`` and
+    ``duplicate_id`` (named by id). The counter raises once bad lines pass its threshold, since
+    a benchmark with many lines gone measures something else.
+    """
     path = Path(path) if path is not None else instructions_path()
     if not path.is_file():
         raise BadInputError(path, "benchmark instructions not found",
                             "restore data/real_edit/instructions.jsonl from the repository")
+    counter = counter if counter is not None else SkipCounter(name=str(path))
     items, seen = [], set()
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise BadInputError(where, f"invalid JSON ({error.msg})", "fix the line") from None
-            missing = {"id", "photo", "edit_type", "instruction", "caption", "caption_edited"} - set(item)
-            if missing:
-                raise BadInputError(where, f"missing keys {sorted(missing)}", "add them to the line")
-            if item["photo"] not in PHOTOS:
-                raise BadInputError(where, f"unknown photo {item['photo']!r}", f"use one of {', '.join(PHOTOS)}")
+    for item in read_jsonl(path, counter, required_keys=INSTRUCTION_KEYS):
+        where = f"{path}, id {item['id']!r}"
+        photo = item["photo"]
+        if not isinstance(photo, str) or photo not in PHOTOS:
+            counter.retract("unknown_photo", f"{where}: photo {photo!r} is not one of {', '.join(PHOTOS)}")
+            continue
+        try:
             check_edit_type(item["edit_type"], REAL_EDIT_CATEGORIES)
-            if item["id"] in seen:
-                raise BadInputError(where, f"duplicate id {item['id']!r}", "make ids unique")
-            seen.add(item["id"])
-            items.append(item)
+            record = validate_record({"id": item["id"], "source": f"images/{PHOTOS[photo][1]}",
+                                      "instruction": item["instruction"], "caption": item["caption"],
+                                      "caption_edited": item["caption_edited"], "edit_type": item["edit_type"],
+                                      "split": "test"})
+        except RecordError as error:
+            counter.retract("invalid_record", f"{where}: {error}")
+            continue
+        except BadInputError as error:
+            counter.retract("unknown_edit_type", f"{where}: {error}")
+            continue
+        if record.id in seen:
+            counter.retract("duplicate_id", f"{where}: the id is used by an earlier line")
+            continue
+        seen.add(record.id)
+        items.append({**item, "id": record.id, "instruction": record.instruction, "caption": record.caption,
+                      "caption_edited": record.caption_edited})
+    counter.finish()
     return items
 
 

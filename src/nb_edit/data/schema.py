@@ -19,9 +19,10 @@ import hashlib
 import json
 import math
 from os import PathLike
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
+from nb_edit.core.paths import OutsideFolderError, inside, relative_name
 from nb_edit.core.validation import BadInputError, check_instruction
 
 SPLITS = ("train", "val", "test")
@@ -39,6 +40,11 @@ FILE_SUFFIX = "_file_name"
 
 class RecordError(BadInputError):
     """A record that does not fit the schema; the message names the record, field and fix."""
+
+
+class RecordPathError(RecordError, OutsideFolderError):
+    """An image field whose file name leaves the dataset folder; readers count it apart
+    (``path_outside_dataset``), as a sign of a hostile or mis-exported table."""
 
 
 @dataclasses.dataclass
@@ -127,15 +133,24 @@ def _is_missing(value: Any) -> bool:
 
 
 def check_image_file(record_id: Any, field: str, value: Any, root: Path | None) -> str:
-    """A relative POSIX path inside ``root`` that exists (when ``root`` is given)."""
+    """A relative POSIX path that stays inside ``root`` and exists there (when ``root`` is given).
+
+    With ``root`` the name is resolved (``paths.inside``), so a symlink in the folder that points
+    out of it is refused as an absolute or ``..`` name is; without ``root`` (a record about to be
+    written) the name is checked on paper only. Refusals raise :class:`RecordPathError`.
+    """
     if not isinstance(value, str) or not value.strip():
         raise _fail(record_id, field, f"expected an image file name, got {value!r}",
                     "give the image's path relative to the metadata file's folder")
-    posix = PurePosixPath(value.replace("\\", "/"))
-    if posix.is_absolute() or ".." in posix.parts or "://" in value:
-        raise _fail(record_id, field, f"{value!r} leaves the dataset folder",
-                    "use a relative path inside the folder that holds metadata.*")
-    if root is not None and not (root / posix).is_file():
+    what = f"record {record_id!r}, field {field!r}"
+    try:
+        posix = relative_name(value, what)
+        path = inside(root, value, what) if root is not None else None
+    except OutsideFolderError as error:
+        raise RecordPathError(error.input_name, error.problem, error.fix) from None
+    except BadInputError as error:  # e.g. a NUL character: unusable, but not an escape
+        raise RecordError(error.input_name, error.problem, error.fix) from None
+    if path is not None and not path.is_file():
         raise _fail(record_id, field, f"image file {value!r} not found under {root}",
                     "add the file or fix the path in the metadata")
     return str(posix)
@@ -204,7 +219,11 @@ def validate_record(raw: dict[str, Any] | EditRecord, root: str | PathLike | Non
     values["source"] = check_image_file(record_id, "source", data["source"], root_path)
     if "target" in data:
         values["target"] = check_image_file(record_id, "target", data["target"], root_path)
-    values["instruction"] = check_instruction(data["instruction"], name=f"record {record_id!r}, field 'instruction'")
+    try:
+        values["instruction"] = check_instruction(data["instruction"],
+                                                  name=f"record {record_id!r}, field 'instruction'")
+    except BadInputError as error:  # a RecordError, so that readers skip the row instead of stopping
+        raise RecordError(error.input_name, error.problem, error.fix) from None
     for field in _TEXT_FIELDS:
         if field in data:
             values[field] = _check_text(record_id, field, data[field]).strip()

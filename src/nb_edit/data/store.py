@@ -21,7 +21,10 @@ hand, so a user's own data in that format loads through the same path.
 Bad rows and unreadable images are skipped and counted with ``validation.SkipCounter``: the
 counts by reason show up in ``EditDataset.metrics()``, and the counter raises
 ``TooManyBadSamples`` once their share passes its threshold (default 5% after 50 samples, and
-at the end of a read).
+at the end of a read). Every file name read from a table or metadata goes through
+``paths.inside``: a name that leaves the dataset's folder (absolute, ``..``, a URL, a symlink
+pointing out) is skipped as ``path_outside_dataset`` and its file is never read or copied.
+Lines that are not UTF-8 are skipped as ``not_utf8``, named ``file:line``.
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import shutil
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from os import PathLike
 from pathlib import Path, PurePosixPath
@@ -40,7 +45,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from nb_edit.core.images import load_image
+from nb_edit.core.images import DEFAULT_MAX_PIXELS, SUPPORTED_FORMATS, load_image
+from nb_edit.core.paths import OutsideFolderError, inside
 from nb_edit.core.validation import BadInputError, SkipCounter, read_jsonl
 from nb_edit.data.schema import (
     FILE_SUFFIX,
@@ -178,7 +184,8 @@ class EditDataset(Sequence[EditRecord]):
 
     ``ds[i]`` is a record (image fields are paths relative to ``ds.directory(i)``);
     ``ds.load(i, size)`` returns the record with its images as uint8 (H, W, 3) arrays;
-    ``ds.iter_samples(size)`` loads them all, skipping (and counting) unreadable images.
+    ``ds.iter_samples(size)`` loads them all, skipping (and counting) unreadable images and
+    names that leave the record's folder.
     """
 
     def __init__(self, records: Sequence[EditRecord], directories: Sequence[Path], counter: SkipCounter):
@@ -208,10 +215,16 @@ class EditDataset(Sequence[EditRecord]):
         return self._directories[index]
 
     def image_path(self, index: int, field: str = "source") -> Path | None:
+        """The resolved path of a record's image (None without one). Checked again at every call,
+        not only at read time: a symlink swapped in later that points out of the record's folder
+        raises ``paths.OutsideFolderError`` instead of being followed."""
         if field not in IMAGE_FIELDS:
             raise ValueError(f"field={field!r} is not an image field; use one of {IMAGE_FIELDS}.")
-        name = getattr(self._records[index], field)
-        return None if name is None else self._directories[index] / name
+        record = self._records[index]
+        name = getattr(record, field)
+        if name is None:
+            return None
+        return inside(self._directories[index], name, what=f"record {record.id!r}, field {field!r}")
 
     def filter(self, keep) -> EditDataset:
         """The records for which ``keep(record)`` is true (same counter)."""
@@ -226,7 +239,8 @@ class EditDataset(Sequence[EditRecord]):
     def load(self, index: int, size: int | tuple[int, int] | None = None, fit: str = "crop") -> dict[str, Any]:
         """The record as a dict with ``source`` / ``target`` replaced by uint8 (H, W, 3) arrays
         (``target`` None when unpaired), resized to ``size`` with ``fit`` ("crop" or "pad",
-        see ``nb_edit.core.images.load_image``). Raises ``BadInputError`` for an unreadable image."""
+        see ``nb_edit.core.images.load_image``). Raises ``BadInputError`` for an unreadable image,
+        and its subclass ``paths.OutsideFolderError`` for a name that leaves the record's folder."""
         sample = self._records[index].to_dict()
         for field in IMAGE_FIELDS:
             path = self.image_path(index, field)
@@ -234,12 +248,16 @@ class EditDataset(Sequence[EditRecord]):
         return sample
 
     def iter_samples(self, size: int | tuple[int, int] | None = None, fit: str = "crop") -> Iterator[dict[str, Any]]:
-        """Every loadable sample; an unreadable image is skipped and counted, never dropped silently."""
+        """Every loadable sample; an unreadable image (``unreadable_image``) or one whose name leaves
+        the record's folder (``path_outside_dataset``) is skipped and counted, never dropped silently."""
         if fit not in ("crop", "pad"):  # checked here, or every sample would be skipped for it
             raise BadInputError(f"fit={fit!r}", "unknown resize mode", "use fit='crop' or fit='pad'")
         for index in range(len(self)):
             try:
                 sample = self.load(index, size=size, fit=fit)
+            except OutsideFolderError as error:
+                self.counter.skip("path_outside_dataset", f"{self._records[index].id}: {error}")
+                continue
             except BadInputError as error:
                 self.counter.skip("unreadable_image", f"{self._records[index].id}: {error}")
                 continue
@@ -256,19 +274,63 @@ def _metadata_file(directory: Path) -> Path | None:
     return None
 
 
+def _jsonl_rows(path: Path, counter: SkipCounter) -> list[dict[str, Any]]:
+    """The objects of a JSON-lines file; lines that are not UTF-8, not JSON or not an object are
+    skipped into ``counter`` as ``file:line``."""
+    # read_jsonl counts every parsed line as good; rows are counted by the caller once they
+    # validate, so parse with a counter of its own and carry its skips over.
+    parse = SkipCounter(threshold_fraction=1.0, name=str(path))
+    rows = read_jsonl(path, parse)
+    counter.reasons.update(parse.reasons)
+    counter.examples.extend(parse.examples[: max(0, counter.max_examples - len(counter.examples))])
+    return rows
+
+
+def _csv_rows(path: Path, counter: SkipCounter) -> Iterator[dict[str, Any]]:
+    """The rows of a csv file, decoded line by line so that one line in another encoding costs
+    that line only: it is skipped as ``not_utf8``, and a row the csv module refuses (a cell past
+    its field-size limit, more cells than the header) as ``invalid_csv``, both named ``file:line``.
+    A header that is not UTF-8 raises: then the whole file is in another encoding."""
+    line = [0]  # physical line last handed to the csv reader: where its error is
+
+    def decoded(handle) -> Iterator[str]:
+        for number, raw in enumerate(handle, 1):
+            line[0] = number
+            try:
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # -sig: drop a BOM
+            except UnicodeDecodeError as error:
+                if number == 1:
+                    raise BadInputError(path, f"the header line is not UTF-8 ({error.reason} at byte {error.start}); "
+                                        "the file is in another encoding (UTF-16, Latin-1, ...)",
+                                        "save it as UTF-8 (e.g. `iconv -f LATIN1 -t UTF-8`, or 'CSV UTF-8' "
+                                        "in a spreadsheet)") from None
+                counter.skip("not_utf8", f"{path}:{number} ({error.reason} at byte {error.start})")
+                continue
+            yield text
+
+    with open(path, "rb") as handle:
+        reader = csv.DictReader(decoded(handle))
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as error:  # the reader drops the offending line and goes on
+                counter.skip("invalid_csv", f"{path}:{line[0]} ({error})")
+                continue
+            if None in row:  # DictReader files surplus cells under the key None
+                counter.skip("invalid_csv", f"{path}:{line[0]} (more cells than the header's "
+                             f"{len(reader.fieldnames or ())} columns)")
+                continue
+            yield row
+
+
 def _iter_rows(path: Path, counter: SkipCounter) -> Iterator[dict[str, Any]]:
     if path.suffix == ".jsonl":
-        # read_jsonl counts every parsed line as good; rows are counted here after validation,
-        # so parse with a counter of its own and carry its skips over.
-        parse = SkipCounter(threshold_fraction=1.0, name=str(path))
-        rows = read_jsonl(path, parse)
-        counter.reasons.update(parse.reasons)
-        counter.examples.extend(parse.examples[: max(0, counter.max_examples - len(counter.examples))])
-        yield from rows
+        yield from _jsonl_rows(path, counter)
     elif path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as handle:
-            for row in csv.DictReader(handle):
-                yield {k: (None if v == "" else v) for k, v in row.items()}
+        for row in _csv_rows(path, counter):
+            yield {k: (None if v == "" else v) for k, v in row.items()}
     else:
         try:
             table = pq.read_table(path)
@@ -280,9 +342,11 @@ def _iter_rows(path: Path, counter: SkipCounter) -> Iterator[dict[str, Any]]:
 def _coerce_csv(row: dict[str, Any]) -> dict[str, Any]:
     """csv cells are text: turn the numeric and boolean columns back into numbers."""
     out = dict(row)
-    for field in ("turn",):
-        if isinstance(out.get(field), str) and out[field].strip().lstrip("-").isdigit():
-            out[field] = int(out[field])
+    if isinstance(out.get("turn"), str):
+        try:  # not str.isdigit: it passes digits int() refuses, such as a superscript two
+            out["turn"] = int(out["turn"])
+        except ValueError:
+            pass  # validate_record names the bad value
     if isinstance(out.get("true_quality"), str):
         try:
             out["true_quality"] = float(out["true_quality"])
@@ -292,6 +356,20 @@ def _coerce_csv(row: dict[str, Any]) -> dict[str, Any]:
         if isinstance(out.get(field), str) and out[field].lower() in ("true", "false"):
             out[field] = out[field].lower() == "true"
     return out
+
+
+def _unverified_image(record: EditRecord, directory: Path) -> str | None:
+    """What is wrong with the first of the record's images that fails Pillow's header check, or None."""
+    for field in IMAGE_FIELDS:
+        name = getattr(record, field)
+        if name is None:
+            continue
+        try:
+            with Image.open(inside(directory, name, f"record {record.id!r}, field {field!r}")) as image:
+                image.verify()
+        except Exception as error:  # Pillow raises OSError, SyntaxError, DecompressionBombError... on bad files
+            return f"{field}: {type(error).__name__}: {error}"
+    return None
 
 
 def _read_split_dir(directory: Path, split: str | None, counter: SkipCounter, verify_images: bool,
@@ -307,17 +385,15 @@ def _read_split_dir(directory: Path, split: str | None, counter: SkipCounter, ve
             row = {**row, "split": split or "train"}
         try:
             record = validate_record(row, root=directory)
-            if verify_images:
-                for field in IMAGE_FIELDS:
-                    name = getattr(record, field)
-                    if name is not None:
-                        with Image.open(directory / name) as image:
-                            image.verify()
-        except RecordError as error:
+        except OutsideFolderError as error:
+            counter.skip("path_outside_dataset", f"{metadata}: {error}")
+            continue
+        except BadInputError as error:  # RecordError: one bad row, not a bad dataset
             counter.skip("invalid_record", f"{metadata}: {error}")
             continue
-        except (OSError, SyntaxError) as error:
-            counter.skip("corrupt_image", f"{metadata}: record {row.get('id')!r}: {error}")
+        problem = _unverified_image(record, directory) if verify_images else None
+        if problem:
+            counter.skip("corrupt_image", f"{metadata}: record {record.id!r}: {problem}")
             continue
         counter.ok()
         records.append(record)
@@ -335,9 +411,10 @@ def read_dataset(
     ``folder`` holds either split folders (``train/``, ``val/``, ``test/``, each with a
     ``metadata.parquet|jsonl|csv``) or one metadata file at its root (records keep their own
     ``split`` field, default ``train``). ``split`` selects one split. Rows that fail validation
-    (missing fields, missing image files) are skipped and counted in ``counter``;
-    ``verify_images=True`` also opens every image header at read time (slower, catches corrupt files
-    before training).
+    (missing fields, a bad instruction, missing image files) are skipped and counted in
+    ``counter`` as ``invalid_record``, image names that leave the folder as
+    ``path_outside_dataset``, lines that are not UTF-8 as ``not_utf8``; ``verify_images=True``
+    also opens every image header at read time (slower, catches corrupt files before training).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -401,45 +478,97 @@ def detect_layout(columns: Iterable[str]) -> str:
                         "(source_img, instruction, target_img) columns, or write the records yourself")
 
 
-def _read_table(path: Path) -> list[dict[str, Any]]:
+def _read_table(path: Path, counter: SkipCounter) -> list[dict[str, Any]]:
+    """The rows of a converter's source table; unreadable lines are skipped into ``counter``."""
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as handle:
-            rows = []
-            for number, line in enumerate(handle, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as error:
-                        rows.append({"__error__": f"line {number}: {error}"})
-            return rows
+        return _jsonl_rows(path, counter)
     if path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as handle:
-            return list(csv.DictReader(handle))
+        return list(_csv_rows(path, counter))
     if path.suffix == ".parquet":
-        return pq.read_table(path).to_pylist()
+        try:
+            return pq.read_table(path).to_pylist()
+        except (pa.ArrowException, OSError) as error:
+            raise BadInputError(path, f"not a readable Parquet file ({error})",
+                                "re-export the table, or convert it to .jsonl") from None
     raise BadInputError(path, f"unsupported table format {path.suffix!r}", "use .jsonl, .csv or .parquet")
 
 
-def _image_value(value: Any, base: Path) -> Any:
-    """A path (relative to the table's folder) or an HF image cell ``{"bytes", "path"}``."""
+class UnreadableImageError(BadInputError):
+    """An image cell whose content does not decode: empty, not an image, truncated, too large."""
+
+
+def _image_value(value: Any, base: Path, what: str) -> bytes | Path:
+    """The content of an image cell: encoded bytes (an HF image dict ``{"bytes", "path"}``) or the
+    resolved path of a file inside ``base``, the table's folder (``paths.inside``: a name that
+    leaves it raises ``OutsideFolderError`` and is never opened)."""
     if isinstance(value, dict):
-        if value.get("bytes"):
+        if value.get("bytes") is not None:
+            if not isinstance(value["bytes"], (bytes, bytearray, memoryview)):
+                raise BadInputError(what, f"the image bytes are a {type(value['bytes']).__name__}, not binary",
+                                    "store the encoded image file (PNG, JPEG...) as binary")
             return bytes(value["bytes"])
         value = value.get("path")
     if not isinstance(value, str) or not value:
-        raise BadInputError(f"image cell {value!r:.60}", "neither a file path nor image bytes",
+        raise BadInputError(f"{what} {value!r:.60}", "neither a file path nor image bytes",
                             "give a path relative to the table or an HF image dict")
-    path = Path(value) if Path(value).is_absolute() else base / value
+    path = inside(base, value, what)
     if not path.is_file():
-        raise BadInputError(f"image file {path}", "not found", "fix the path in the table")
+        raise BadInputError(f"{what} {value!r}", f"image file {path} not found", "fix the path in the table")
     return path
 
 
-def _image_suffix(value: Any) -> str:
-    if isinstance(value, Path):
-        return value.suffix.lower() or ".png"
-    kind = Image.open(io.BytesIO(value)).format or "PNG"
-    return {"JPEG": ".jpg"}.get(kind, "." + kind.lower())
+def _decoded_format(content: bytes | Path, where: str, max_pixels: int) -> str:
+    """Decode ``content`` in full and return its format (``PNG``, ``JPEG``...), or raise
+    :class:`UnreadableImageError` naming ``where`` and, for a huge image, the ``max_pixels`` cap.
+
+    The converter copies files as they are, so this is the one moment a broken one can be caught
+    before it lands in a dataset that looks whole (a header check alone passes truncated files).
+    """
+    size = len(content) if isinstance(content, bytes) else content.stat().st_size
+    if size == 0:
+        raise UnreadableImageError(where, "the image file is empty (0 bytes)", "re-export or re-download it")
+    too_large = "downscale it, or pass convert_paired(max_pixels=...) above the cap if the file is trusted"
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between its own limit and twice that; the cap below decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            source = io.BytesIO(content) if isinstance(content, bytes) else content
+            with Image.open(source, formats=SUPPORTED_FORMATS) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise UnreadableImageError(where, f"the image is {width}x{height} = {width * height:,} pixels, "
+                                               f"over the cap max_pixels={max_pixels:,}", too_large)
+                image.load()
+                return image.format or "PNG"
+    except UnreadableImageError:
+        raise
+    except Image.DecompressionBombError as error:
+        raise UnreadableImageError(where, f"a decompression bomb ({error}), far over the cap "
+                                   f"max_pixels={max_pixels:,}", too_large) from None
+    except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, struct.error... on bad data
+        raise UnreadableImageError(where, f"does not decode as a {'/'.join(SUPPORTED_FORMATS)} image "
+                                   f"({type(error).__name__}: {error})",
+                                   "re-export or re-download the image, or drop the row") from None
+
+
+_SUFFIXES = {"JPEG": ".jpg"}  # file name suffix per Pillow format, where it is not the format's name
+_SAFE_STEM = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def _file_stem(record_id: str, index: int) -> str:
+    """A file name for a record's images: its id where that is safe as a name, else a cleaned id
+    made unique by the row index (an id such as ``a/b`` or ``x://y`` must not pick the folder)."""
+    if _SAFE_STEM.fullmatch(record_id) and record_id not in (".", ".."):
+        return record_id
+    return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', record_id)[:80]}-row{index}"
+
+
+def _pick(row: dict[str, Any], names: tuple[str, ...]) -> tuple[str, Any]:
+    """(column, value) of the first of ``names`` that is filled in ``row``; (first name, None) if none is."""
+    for column in names:
+        if row.get(column) not in (None, ""):
+            return column, row[column]
+    return names[0], None
 
 
 def convert_paired(
@@ -452,14 +581,23 @@ def convert_paired(
     test_fraction: float = 0.1,
     overwrite: bool = False,
     counter: SkipCounter | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> EditDataset:
     """Convert a public paired dataset (InstructPix2Pix or MagicBrush layout) to this format.
 
     ``src`` is a ``.jsonl`` / ``.csv`` / ``.parquet`` table, or a folder holding one (a
     ``metadata.*`` file or the only table in it); image cells are paths relative to the table's
-    folder or HF image dicts with bytes. Rows whose images are missing or unreadable are skipped
-    and counted in ``counter`` (default: ``SkipCounter``'s limits). Splits come from :func:`schema.assign_split` on the sequence id (MagicBrush: all
-    turns of an image stay together) or the record id, with ``split_seed``.
+    folder or HF image dicts with bytes. Splits come from :func:`schema.assign_split` on the
+    sequence id (MagicBrush: all turns of an image stay together) or the record id, with
+    ``split_seed``.
+
+    Nothing unchecked reaches the output. Skipped and counted in ``counter`` (default:
+    ``SkipCounter``'s limits), by reason: ``path_outside_dataset`` (an image name that leaves the
+    table's folder: absolute, ``..``, a URL, a symlink out; never opened), ``unreadable_image``
+    (every image is decoded in full first: empty, not an image, truncated, or over ``max_pixels``),
+    ``not_utf8`` / ``invalid_json`` / ``invalid_csv`` (a table line, named ``file:line``),
+    ``duplicate_id`` (the same MagicBrush image and turn twice) and ``bad_row`` (anything else,
+    e.g. a missing file or a bad instruction).
     """
     src = Path(src)
     if src.is_dir():
@@ -473,34 +611,44 @@ def convert_paired(
         table_path = src
     else:
         raise FileNotFoundError(f"converter source {src} does not exist.")
-    rows = _read_table(table_path)
-    columns = {k for row in rows for k in row if k != "__error__"}
+    counter = counter if counter is not None else SkipCounter(name=f"convert {table_path}")
+    rows = _read_table(table_path, counter)
+    columns = {k for row in rows for k in row}
     layout = detect_layout(columns) if layout == "auto" else layout
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r} is unknown; use 'auto' or one of {', '.join(LAYOUTS)}.")
     spec = LAYOUTS[layout]
     prefix = id_prefix or layout
-    counter = counter if counter is not None else SkipCounter(name=f"convert {table_path}")
     records: list[EditRecord] = []
     images: dict[str, Any] = {}
+    first_row: dict[str, int] = {}  # record id -> the row that made it
     base = table_path.parent
     for index, row in enumerate(rows):
-        if "__error__" in row:
-            counter.skip("unparseable_row", f"{table_path} {row['__error__']}")
-            continue
-        values = {field: next((row[c] for c in names if row.get(c) not in (None, "")), None)
-                  for field, names in spec.items()}
+        where = f"{table_path} row {index}"
+        picked = {field: _pick(row, names) for field, names in spec.items()}
+        values = {field: value for field, (_, value) in picked.items()}
         turn_index = values.pop("turn", None)
         sequence = values.pop("sequence_id", None)
-        record_id = f"{prefix}-{index:07d}"
         try:
             turn = int(turn_index) - 1 if turn_index is not None else 0  # MagicBrush counts from 1
-            if sequence is not None:
-                record_id = f"{prefix}-{sequence}-t{turn}"
+        except (TypeError, ValueError, OverflowError) as error:  # a list, "two", NaN, infinity
+            counter.skip("bad_row", f"{where}: turn {turn_index!r} is not an integer ({error})")
+            continue
+        record_id = f"{prefix}-{sequence}-t{turn}" if sequence is not None else f"{prefix}-{index:07d}"
+        if record_id in first_row:  # write_dataset would refuse the whole dataset for it
+            counter.skip("duplicate_id", f"{where}: record id {record_id!r} was already made by row "
+                         f"{first_row[record_id]}; keeping the first")
+            continue
+        # counter.skip stays out of this try: the TooManyBadSamples it may raise is a BadInputError
+        try:
+            contents: dict[str, bytes | Path] = {}
             for field in IMAGE_FIELDS:
-                content = _image_value(values[field], base)
-                name = f"images/{record_id}_{field}{_image_suffix(content)}"
-                images[name] = content
+                column, cell = picked[field]
+                content = _image_value(cell, base, f"{where}, column {column!r}")
+                kind = _decoded_format(content, f"{where}, column {column!r}" + (
+                    f" ({content})" if isinstance(content, Path) else " (image bytes)"), max_pixels)
+                name = f"images/{_file_stem(record_id, index)}_{field}{_SUFFIXES.get(kind, '.' + kind.lower())}"
+                contents[name] = content
                 values[field] = name
             record = validate_record({
                 **{k: v for k, v in values.items() if v is not None},
@@ -509,9 +657,17 @@ def convert_paired(
                 "split": assign_split(f"{prefix}-{sequence}" if sequence is not None else record_id,
                                       split_seed, val_fraction, test_fraction),
             })
-        except (BadInputError, OSError, ValueError) as error:  # RecordError is a BadInputError
-            counter.skip("bad_row", f"{table_path} row {index}: {error}")
+        except OutsideFolderError as error:
+            counter.skip("path_outside_dataset", str(error))
             continue
+        except UnreadableImageError as error:
+            counter.skip("unreadable_image", str(error))
+            continue
+        except (BadInputError, OSError, ValueError) as error:  # RecordError is a BadInputError
+            counter.skip("bad_row", f"{where}: {error}")
+            continue
+        first_row[record_id] = index
+        images.update(contents)
         counter.ok()
         records.append(record)
     counter.finish()

@@ -42,9 +42,11 @@ from tqdm.auto import tqdm
 
 from nb_edit import world
 from nb_edit.core.images import to_tensor
-from nb_edit.core.validation import BadInputError
+from nb_edit.core.paths import OutsideFolderError
+from nb_edit.core.validation import BadInputError, SkipCounter
 from nb_edit.data.real_photos import load_real_edit
-from nb_edit.data.sequences import sequences_from
+from nb_edit.data.schema import RecordError
+from nb_edit.data.sequences import edit_from_json, sequences_from
 from nb_edit.data.store import read_dataset
 from nb_edit.evaluation.stats import Interval, bootstrap_ci, spearman
 from nb_edit.rewards.single_turn import multi_perspective
@@ -199,7 +201,8 @@ def _samples_benchmark(name: str, samples: Sequence[Mapping[str, Any]], skipped:
                             "check the folder against data/README.md (metadata file, image paths)")
     edits = None
     if all(s.get("edit_json") for s in samples):  # ShapesWorld truth for every record: the oracle applies
-        edits = [world.Edit.from_dict(json.loads(s["edit_json"]), cfg) for s in samples]
+        edits = [s["edit"] if s.get("edit") is not None else edit_from_json(s["id"], s["edit_json"], cfg)
+                 for s in samples]
     targets = np.stack([s["target"] for s in samples]) if all(s.get("target") is not None for s in samples) else None
     return Benchmark(name, [str(s["id"]) for s in samples], np.stack([s["source"] for s in samples]),
                      [s["instruction"] for s in samples], [s.get("edit_type") or "" for s in samples], edits,
@@ -215,13 +218,38 @@ def real_photo_benchmark(resolution: int = 32, fit: str = "crop", categories: Se
 
 
 def folder_benchmark(folder: str | PathLike, split: str | None = None, resolution: int = 32, fit: str = "crop",
-                     name: str = "folder") -> Benchmark:
-    """A user's folder in the format of ``data/README.md`` (``store.read_dataset``); unreadable rows
-    and images are skipped and counted in ``Benchmark.skipped``."""
+                     name: str = "folder", counter: SkipCounter | None = None) -> Benchmark:
+    """A user's folder in the format of ``data/README.md`` (``store.read_dataset``).
 
-    dataset = read_dataset(Path(folder), split=split)
-    samples = list(dataset.iter_samples(size=resolution, fit=fit))
-    return _samples_benchmark(name, samples, int(dataset.counter.skipped), world.WorldConfig(resolution=resolution))
+    Rows that do not validate, images that do not load (``unreadable_image``) or whose names
+    leave the folder (``path_outside_dataset``), and an ``edit_json`` that is not a ShapesWorld
+    edit (``invalid_edit_json``) are skipped and counted in ``counter`` (default: ``SkipCounter``'s
+    limits, named after the folder) and in ``Benchmark.skipped``. Past the counter's threshold
+    the benchmark raises ``TooManyBadSamples`` rather than score the few items left.
+    """
+    if fit not in ("crop", "pad"):  # checked here, or every sample would be skipped for it
+        raise BadInputError(f"fit={fit!r}", "unknown resize mode", "use fit='crop' or fit='pad'")
+    folder = Path(folder)
+    cfg = world.WorldConfig(resolution=resolution)
+    counter = counter if counter is not None else SkipCounter(name=f"benchmark folder {folder}")
+    dataset = read_dataset(folder, split=split, counter=counter)
+    samples = []
+    for index, record in enumerate(dataset):
+        # read_dataset counted these rows good; a sample found bad now is moved to skipped
+        try:
+            sample = dataset.load(index, size=resolution, fit=fit)
+            if record.edit_json:
+                sample["edit"] = edit_from_json(record.id, record.edit_json, cfg)
+        except OutsideFolderError as error:
+            counter.retract("path_outside_dataset", str(error))
+        except RecordError as error:
+            counter.retract("invalid_edit_json", str(error))
+        except BadInputError as error:
+            counter.retract("unreadable_image", f"record {record.id!r}: {error}")
+        else:
+            samples.append(sample)
+    counter.finish()
+    return _samples_benchmark(name, samples, counter.skipped, cfg)
 
 
 # ----------------------------------------------------------------------------------- scoring

@@ -7,6 +7,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN_ID ?= $(shell date +%Y%m%d-%H%M%S)
+# a RUN_ID that already holds a run is refused (its metrics would mix into the new report):
+# RUN_FLAGS=--resume runs more notebooks into it with the same parameters, --overwrite replaces it
+RUN_FLAGS ?=
 PROFILE ?= tiny
 PARAMS ?= papermill_runs/$(PROFILE).yaml
 
@@ -22,7 +25,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m nb_edit run --run-id $(RUN_ID) -f $(PARAMS)
+	$(PY) -m nb_edit run --run-id $(RUN_ID) -f $(PARAMS) $(RUN_FLAGS)
 
 # pytest exits 5 when it collects nothing: said aloud, not taken for a failure.
 PYTEST_OK = rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; else exit $$rc; fi
@@ -39,7 +42,7 @@ unit: $(STAMP)
 # The committed notebooks carry the outputs of a tiny run: run the main job, then copy its
 # executed notebooks (progress bars as text, no widget state) into notebooks/.
 notebooks: $(STAMP)
-	$(PY) -m nb_edit run --run-id $(RUN_ID) -f $(PARAMS)
+	$(PY) -m nb_edit run --run-id $(RUN_ID) -f $(PARAMS) $(RUN_FLAGS)
 	$(PY) -m nb_edit publish --run-id $(RUN_ID)
 
 lab: $(STAMP)

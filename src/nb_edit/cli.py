@@ -1,19 +1,27 @@
 """Command line: ``python -m nb_edit <command>``.
 
 * ``run``    - execute every notebook in order with papermill into ``papermill_runs/<run_id>/``,
-               then write the run's ``config.json`` and ``report.md`` (what ``make run`` calls);
+               then write the run's ``config.json`` and ``report.md`` (what ``make run`` calls).
+               Every parameter is checked against the notebooks' parameters cells first; a run id
+               that already holds a run is refused unless ``--resume`` (same parameters, more
+               notebooks) or ``--overwrite`` is given;
 * ``report``   - rewrite the report of an existing run (``--to docs/results.md`` for the results page);
 * ``publish``  - copy a run's executed notebooks into ``notebooks/`` (what ``make notebooks`` calls);
 * ``train``    - one training stage from the command line (``accelerate launch`` / ``torchrun`` ready);
+               every ``--set NAME=VALUE`` is checked against the stage's config before anything loads;
 * ``pretrain`` - make the tiny stand-ins for hub models shipped in ``data/pretrained/``
                  (what ``make pretrain`` calls; each part is skipped when already made);
 * ``bench``    - time the project's fast paths against the plain way (``nb_edit.bench``),
                  print a table and optionally record the ``bench.*`` metrics into a run.
+
+A bad input (an unknown parameter, a value of the wrong type, a run id in use...) ends the
+command with a message naming it and the fix on stderr, and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import platform
@@ -26,6 +34,8 @@ import yaml
 
 from nb_edit import __version__
 from nb_edit.core import paths, runs
+from nb_edit.core.config import PROFILE_NAMES, RunSettings, TypeMismatch, closest, coerce_value, parse_overrides
+from nb_edit.core.validation import BadInputError
 from nb_edit.evaluation import report
 from nb_edit.notebook import outputs
 
@@ -37,25 +47,137 @@ def notebook_list(only: str | None = None) -> list[Path]:
         wanted = {w.strip().zfill(2) for w in only.split(",") if w.strip()}
         books = [b for b in books if b.name[:2] in wanted]
         if not books:
-            raise SystemExit(f"--only {only!r} matched no notebook in {paths.notebooks_dir()}")
+            numbers = ", ".join(p.name[:2] for p in paths.notebooks_dir().glob("[0-9][0-9]_*.ipynb"))
+            raise BadInputError(f"--only {only!r}", f"matched no notebook in {paths.notebooks_dir()}",
+                                f"give comma-separated notebook numbers among {numbers}")
     return books
 
 
-def load_parameters(files: list[str], pairs: list[list[str]]) -> dict[str, Any]:
+def load_parameters(files: list[str], pairs: list[list[str]],
+                    origins: dict[str, str] | None = None) -> dict[str, Any]:
+    """The notebook parameters of YAML files (in order) and ``-p NAME VALUE`` pairs (last wins);
+    ``origins``, if given, receives where each name came from, for error messages."""
     params: dict[str, Any] = {}
+    origins = origins if origins is not None else {}
     for file in files:
         path = Path(file)
         if not path.is_absolute() and not path.exists():
             path = paths.repo_root() / file
-        if not path.exists():
-            raise SystemExit(f"parameter file {file!r} not found; see papermill_runs/README.md.")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        if not path.is_file():
+            raise BadInputError(f"-f {file}", "parameter file not found",
+                                "check the path; the shipped ones are papermill_runs/*.yaml (papermill_runs/README.md)")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise BadInputError(f"-f {file}", f"not valid YAML ({error})", "fix the line it names") from None
         if not isinstance(loaded, dict):
-            raise SystemExit(f"parameter file {file!r} must hold a mapping of name: value.")
+            raise BadInputError(f"-f {file}", f"holds a {type(loaded).__name__}, not a mapping",
+                                "write one `name: value` per line")
         params.update(loaded)
+        origins.update({str(key): f"from {file}" for key in loaded})
     for key, value in pairs:
-        params[key] = yaml.safe_load(value)
+        try:
+            params[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise BadInputError(f"-p {key} {value}", "the value is not valid YAML",
+                                "quote it, e.g. -p NAME '\"text\"', or fix its brackets") from None
+        origins[key] = f"-p {key} {value}"
     return params
+
+
+# papermill's inferred type names (from the annotation) -> the type a given value must have
+NOTEBOOK_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "dict": dict, "list": list}
+
+
+def declared_type(info: dict[str, Any]) -> type | None:
+    """The type a notebook declares for a parameter: its annotation, else the type of its literal
+    default (papermill says "None" for an unannotated one); None when neither tells (a default
+    of None, an annotation such as ``int | None``): then the notebook decides."""
+    name = str(info.get("inferred_type_name", "None")).strip()
+    if name in NOTEBOOK_TYPES:
+        return NOTEBOOK_TYPES[name]
+    if name != "None":
+        return None
+    try:
+        default = ast.literal_eval(str(info.get("default", "None")))
+    except (ValueError, SyntaxError):
+        return None
+    return NOTEBOOK_TYPES.get(type(default).__name__) if default is not None else None
+
+
+def notebook_parameters(books: list[Path]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Notebook file name -> its parameters cell as papermill reads it (name -> type, default)."""
+    import papermill as pm  # lazy: papermill and its kernel machinery load slowly; only `run` needs them
+
+    return {book.name: pm.inspect_notebook(str(book)) for book in books}
+
+
+def check_notebook_parameters(params: dict[str, Any], books: list[Path], origins: dict[str, str] | None = None,
+                              resume: bool = False) -> dict[str, Any]:
+    """Check the parameters against the parameters cells of ``books``; return them converted
+    (an int where a float is declared, a float written as text).
+
+    papermill passes a parameter a notebook does not declare without a word, so a misspelt one
+    would run the whole pipeline on defaults: a name that no notebook declares is an error, and
+    so is a value whose type differs from the one a notebook declares for it. A name that only
+    notebooks outside ``books`` declare is an error when given with ``-p`` (it would do nothing),
+    but only a note when it comes from a parameter file (the shipped ones serve the whole
+    pipeline, and ``--only`` picks a part of it) or when resuming (a run keeps one set of
+    parameters for all its notebooks).
+    """
+    declared = notebook_parameters(books)
+    origins = origins or {}
+    everywhere: dict[str, dict[str, dict[str, Any]]] = {}
+    checked = dict(params)
+    for name, value in params.items():
+        origin = origins.get(name, "given")
+        where = f"parameter {name!r} ({origin})"
+        if name == "run_id":
+            raise BadInputError(where, "the runner sets run_id itself", "use --run-id NAME instead")
+        takers = {book: cell[name] for book, cell in declared.items() if name in cell}
+        if not takers:
+            everywhere = everywhere or notebook_parameters(notebook_list())
+            takers = {book: cell[name] for book, cell in everywhere.items() if name in cell}
+            selected = [b.name for b in books]
+            if not takers:
+                raise BadInputError(where, *_unknown_parameter(name, everywhere))
+            if not resume and origin.startswith("-p "):
+                raise BadInputError(where, f"none of the selected notebooks ({', '.join(selected)}) declares it; "
+                                    f"it is a parameter of {', '.join(takers)}",
+                                    "add one of those to --only, or leave the parameter out")
+            if not resume:
+                print(f"note: parameter {name!r} ({origin}) is for {', '.join(takers)}, which this run does not "
+                      "execute", file=sys.stderr)
+        for book, info in takers.items():
+            hint = declared_type(info)
+            if hint is None:
+                continue
+            try:
+                value = coerce_value(value, hint)
+            except TypeMismatch:
+                quote = " (quote text that looks like a number or a bool: -p NAME '\"123\"')" if hint is str else ""
+                raise BadInputError(where, f"{book} declares {name}: {hint.__name__} = {info.get('default')}, got "
+                                    f"{value!r} ({type(value).__name__})",
+                                    f"pass {'an' if hint.__name__[0] in 'aeiou' else 'a'} {hint.__name__}, "
+                                    f"e.g. -p {name} {info.get('default')}{quote}") from None
+        if name == "profile" and value not in PROFILE_NAMES:
+            near = closest(value, PROFILE_NAMES)
+            raise BadInputError(where, f"{value!r} is not a profile" + (f" (did you mean {near!r}?)" if near else ""),
+                                f"use one of {', '.join(PROFILE_NAMES)}")
+        checked[name] = value
+    return checked
+
+
+def _unknown_parameter(name: str, everywhere: dict[str, dict[str, Any]]) -> tuple[str, str]:
+    """(problem, fix) for a parameter that no notebook declares: the closest name and its notebooks."""
+    known = sorted({p for cell in everywhere.values() for p in cell} - {"run_id"})
+    near = closest(name, known)
+    hint = ""
+    if near:
+        takers = [book for book, cell in everywhere.items() if near in cell]
+        hint = f" (did you mean {near!r}? {', '.join(takers)} take{'s' if len(takers) == 1 else ''} it)"
+    return (f"no notebook declares this parameter{hint}",
+            f"use a name from the notebooks' parameters cells: {', '.join(known)}")
 
 
 def environment() -> dict[str, str]:
@@ -123,27 +245,52 @@ def _execute(pm, book: Path, out: Path, params: dict[str, Any], args: argparse.N
 def cmd_run(args: argparse.Namespace) -> int:
     """Execute the notebooks in order into ``papermill_runs/<run_id>/``, then write the report.
 
+    Everything that can be checked is checked before the run folder is touched: the parameter
+    files, each parameter against the selected notebooks' parameters cells, ``--only``, the run
+    id and whether its folder already holds a run (see :func:`nb_edit.core.runs.claim_run`). A
+    run that fails before writing any output removes the folders it created.
+
     With a seed study, each of ``seed_notebooks`` runs once per seed into its own run
     ``<run_id>.seed<k>``; their metrics are folded into the parent (mean, ``.sd``, ``.n``)
     before the next notebook, so the evaluation notebook sees the whole study.
     """
-    import papermill as pm
+    import papermill as pm  # lazy: papermill and its kernel machinery load slowly; only `run` needs them
 
-    run = runs.open_run(args.run_id or runs.new_run_id())
-    params = load_parameters(args.file, args.parameter)
+    run_id = runs.run_path(args.run_id or runs.new_run_id()).name
+    origins: dict[str, str] = {}
+    params = load_parameters(args.file, args.parameter, origins)
     seeds, seed_books = seed_study(params)
     params = {k: v for k, v in params.items() if k not in SEED_STUDY_KEYS}
-    params["run_id"] = run.run_id
     books = notebook_list(args.only)
+    params = check_notebook_parameters(params, books, origins, resume=args.resume)
+    params["run_id"] = run_id
+    seed_info = {"seeds": seeds, "notebooks": sorted(seed_books)} if seeds else None
+    settings = {**params, **({"seed_study": seed_info} if seed_info else {})}
+    run, created = runs.claim_run(run_id, settings, resume=args.resume, overwrite=args.overwrite,
+                                  related=[f"{run_id}.seed{seed}" for seed in seeds])
+    if args.resume and run.dir in created:
+        print(f"run {run_id}: nothing to resume, starting it", file=sys.stderr)
+    try:
+        return _run_notebooks(pm, run, books, params, seeds, seed_books, seed_info, args)
+    except BaseException:
+        removed = runs.release_unused(created)
+        if removed:
+            print(f"run {run_id} failed before writing any output; removed {', '.join(map(str, removed))}",
+                  file=sys.stderr)
+        raise
+
+
+def _run_notebooks(pm, run: runs.Run, books: list[Path], params: dict[str, Any], seeds: list[int],
+                   seed_books: set[str], seed_info: dict[str, Any] | None, args: argparse.Namespace) -> int:
     config = {"run_id": run.run_id, "parameters": params, "notebooks": [b.name for b in books],
               "environment": environment(), "timings_s": {}}
     earlier = run.dir / "config.json"
-    if earlier.exists():  # more notebooks into an existing run (--only): keep what ran before
+    if earlier.exists():  # --resume (claim_run checked the parameters): keep what ran before
         before = json.loads(earlier.read_text())
         config["timings_s"] = before.get("timings_s", {})
         config["notebooks"] = sorted(set(before.get("notebooks", [])) | set(config["notebooks"]))
-    if seeds:
-        config["seed_study"] = {"seeds": seeds, "notebooks": sorted(seed_books)}
+    if seed_info:
+        config["seed_study"] = seed_info
     runs.write_config(run, config)
     print(f"run {run.run_id}: {len(books)} notebooks -> {run.dir}", flush=True)
     ok = True
@@ -173,7 +320,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_publish(args: argparse.Namespace) -> int:
     """Copy a run's executed notebooks into notebooks/ as the committed copies with outputs."""
-    run = runs.open_run(args.run_id)
+    run = runs.existing_run(args.run_id, "publish")
     books = [book for book in notebook_list(args.only) if (run.dir / book.name).exists()]
     if not books:
         raise SystemExit(f"publish: run {args.run_id!r} holds no executed notebook; run `make notebooks` "
@@ -185,7 +332,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    run = runs.open_run(args.run_id)
+    run = runs.existing_run(args.run_id, "report")
     print(report.write_report(run, title=args.title, to=args.to))
     return 0
 
@@ -217,23 +364,39 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    import torch.distributed as dist
+def train_config(stage: str, profile: str, items: list[str]):
+    """The stage's config with the ``--set NAME=VALUE`` items, checked against its fields and
+    types (:func:`nb_edit.core.config.parse_overrides`); raises :class:`BadInputError`."""
+    from nb_edit.methods.npedit.train import NPEditConfig  # lazy: torch and the models; `run` and `report` need neither
 
-    from nb_edit.core.config import RunSettings  # lazy: as above
+    configs = {"npedit": NPEditConfig}
+    if stage not in configs:
+        raise BadInputError(f"train {stage}", "this stage has no command yet", f"use one of {', '.join(configs)}")
+    cls = configs[stage]
+    overrides = parse_overrides(cls, items)
+    # for_profile reads None as "the profile's value"; an explicit `--set x=null` means None
+    nones = {k: v for k, v in overrides.items() if v is None}
+    try:
+        return cls.for_profile(profile, **overrides).replace(**nones)
+    except (TypeError, ValueError) as error:  # the config's own checks (e.g. an unknown variant)
+        given = " ".join([f"--profile {profile}"] + [f"--set {item}" for item in items])
+        raise BadInputError(f"train {stage} {given}", str(error).rstrip("."), "change the value it names") from None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    # before torch.distributed, the data or any model: a bad --set fails in a second, not after the warm-up
+    cfg = train_config(args.stage, args.profile, args.set)
+
+    import torch.distributed as dist  # lazy: torch; `run` and `report` need none of it
+
     from nb_edit.data.world_datasets import shapesworld  # lazy: as above
+    from nb_edit.methods.npedit.train import train_npedit  # lazy: as above
+    from nb_edit.methods.registry import run_dir  # lazy: as above
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed and not dist.is_initialized():  # launched by accelerate launch / torchrun
         dist.init_process_group("nccl" if __import__("torch").cuda.is_available() else "gloo")
     try:
-        overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}
-        if args.stage != "npedit":
-            raise SystemExit(f"train: stage {args.stage!r} has no command yet; use npedit.")
-        from nb_edit.methods.npedit.train import NPEditConfig, train_npedit  # lazy: as above
-        from nb_edit.methods.registry import run_dir  # lazy: as above
-
-        cfg = NPEditConfig.for_profile(args.profile, **overrides)
         settings = RunSettings.for_profile(args.profile)
         if distributed:  # process 0 builds the datasets once; the others read them after it
             if dist.get_rank() == 0:
@@ -262,6 +425,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--only", default=None, help="comma-separated notebook numbers, e.g. 00,01")
     run.add_argument("--cell-timeout", type=int, default=3600)
     run.add_argument("--log-output", action="store_true", help="stream cell outputs to the terminal")
+    reuse = run.add_mutually_exclusive_group()
+    reuse.add_argument("--resume", action="store_true",
+                       help="run (more) notebooks into an existing run; refused unless its parameters are the same")
+    reuse.add_argument("--overwrite", action="store_true",
+                       help="delete an existing run of this id (and its .seed<k> runs) before running")
     run.set_defaults(func=cmd_run)
     rep = sub.add_parser("report", help="rewrite report.md of a run")
     rep.add_argument("--run-id", required=True)
@@ -290,9 +458,14 @@ def main(argv: list[str] | None = None) -> int:
     ben.set_defaults(func=cmd_bench)
     tr = sub.add_parser("train", help="run one training stage (accelerate launch / torchrun ready)")
     tr.add_argument("stage", choices=["npedit"])
-    tr.add_argument("--profile", default="tiny")
-    tr.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="config override")
+    tr.add_argument("--profile", default="tiny", choices=PROFILE_NAMES)
+    tr.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="config setting (repeatable), checked against the stage's config before anything loads")
     tr.add_argument("--ckpt-dir", default=None, help="checkpoint folder (default: keyed in the cache)")
     tr.set_defaults(func=cmd_train)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BadInputError as error:  # the user's input, not the code: a message, not a traceback
+        print(f"python -m nb_edit {args.command}: {error}", file=sys.stderr)
+        return 2

@@ -11,14 +11,26 @@ Profiles (``RunSettings.profile``):
 Only sizes, model ids and data paths change between profiles, never the logic. A stage
 config declares its per-profile values in ``PROFILES`` and is built with
 ``MyConfig.for_profile("tiny", steps=10)``; the final config is written next to the outputs.
+
+Settings that come from outside the code (``python -m nb_edit train --set steps=50``) go through
+:func:`parse_overrides` first, which checks each one against the config's own fields and types
+before anything loads, so a typo fails in a second instead of after the models loaded.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import math
 import os
-from typing import Any, ClassVar, TypeVar
+import types
+import typing
+from typing import Any, ClassVar, Mapping, Sequence, TypeVar
+
+import yaml
+
+from nb_edit.core.validation import BadInputError
 
 PROFILE_NAMES = ("tiny", "full", "smoke")
 SMOKE_ENV = "NB_EDIT_SMOKE"
@@ -46,6 +58,11 @@ class StageConfig:
     seed: int = 0
 
     PROFILES: ClassVar[dict[str, dict[str, Any]]] = {}
+    # int settings that count work per step: 0 trains nothing or divides by zero. Every other int
+    # setting only has to be >= 0 (0 is meaningful there: no warm-up, full fine-tuning, no curve)
+    POSITIVE: ClassVar[tuple[str, ...]] = ("steps", "batch_size", "sampling_steps", "checkpoint_every",
+                                           "n_turns", "group_size", "groups_per_step", "updates_per_rollout",
+                                           "heads")
 
     @classmethod
     def for_profile(cls: type[T], profile: str = "tiny", **overrides: Any) -> T:
@@ -99,3 +116,170 @@ class RunSettings(StageConfig):
         "smoke": dict(resolution=32, n_eval=16, n_probe=40, n_train_scenes=24, n_sequences=6, n_test_sequences=6),
         "full": dict(resolution=512, n_eval=512, mixed_precision="bf16", num_threads=8),
     }
+
+
+class TypeMismatch(TypeError):
+    """A value that does not fit a type (raised by :func:`coerce_value`, without a message: the
+    caller knows which input it was and says so in a :class:`BadInputError`)."""
+
+
+def type_name(hint: Any) -> str:
+    """A type as a user writes it: ``int``, ``float or None``, ``tuple[float, float]``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("None" if a is type(None) else type_name(a) for a in args)
+    if origin is not None and args:
+        return f"{getattr(origin, '__name__', origin)}[{', '.join('...' if a is Ellipsis else type_name(a) for a in args)}]"
+    return getattr(hint, "__name__", str(hint))
+
+
+def coerce_value(value: Any, hint: Any) -> Any:
+    """``value`` as type ``hint``, or raise :class:`TypeMismatch`.
+
+    Only conversions that cannot change meaning are made: an int where a float is expected, a
+    float written as text (YAML reads ``1e-3`` as a string), a list where a tuple is expected.
+    A bool is never taken for a number, nor a float for an int (``steps=2.5`` is a mistake).
+    """
+    if hint is Any or hint is object:
+        return value
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arm in args:
+            try:
+                return coerce_value(value, arm)
+            except TypeMismatch:
+                continue
+        raise TypeMismatch
+    if hint is type(None) or hint is None:
+        if value is None:
+            return None
+        raise TypeMismatch
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeMismatch
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeMismatch
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise TypeMismatch from None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        raise TypeMismatch
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise TypeMismatch
+    if origin is tuple or hint is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise TypeMismatch
+        if not args:
+            return tuple(value)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(coerce_value(v, args[0]) for v in value)
+        if len(value) != len(args):
+            raise TypeMismatch
+        return tuple(coerce_value(v, a) for v, a in zip(value, args))
+    if origin is list or hint is list:
+        if not isinstance(value, (list, tuple)):
+            raise TypeMismatch
+        return [coerce_value(v, args[0]) for v in value] if args else list(value)
+    if origin is dict or hint is dict:
+        if isinstance(value, dict):
+            return value
+        raise TypeMismatch
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise TypeMismatch
+    if isinstance(hint, type) and not isinstance(value, hint):
+        raise TypeMismatch
+    return value
+
+
+def closest(name: object, known: Sequence[str]) -> str | None:
+    """The known name nearest to ``name`` (for "did you mean ...?"), or None."""
+    match = difflib.get_close_matches(str(name), list(known), n=1, cutoff=0.5)
+    return match[0] if match else None
+
+
+def _example(cls: type[StageConfig], name: str) -> str:
+    """The field's default as one would type it after ``--set name=`` (YAML: [0.0, 0.9], null)."""
+    default = getattr(cls, name, None)
+    try:
+        return json.dumps(list(default) if isinstance(default, tuple) else default)
+    except TypeError:
+        return "<value>"
+
+
+def setting_types(cls: type[StageConfig]) -> dict[str, Any]:
+    """Field name -> its type (the annotations resolved) of a stage config dataclass."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls)}
+
+
+def check_overrides(cls: type[StageConfig], overrides: Mapping[str, Any], option: str = "--set",
+                    shown: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Check settings for ``cls`` given from outside the code; return them converted to the
+    fields' types. Unknown names, wrong types and counts below their minimum raise
+    :class:`BadInputError` naming the setting, the value and the fix. ``shown`` maps a name to
+    the text the user typed, for the message."""
+    known = setting_types(cls)
+    checked: dict[str, Any] = {}
+    for name, value in overrides.items():
+        where = f"{option} {(shown or {}).get(name) or f'{name}={value!r}'}"
+        if name == "profile":
+            raise BadInputError(where, "the profile is not a setting",
+                                f"use --profile ({', '.join(PROFILE_NAMES)}) instead")
+        if name not in known:
+            near = closest(name, [k for k in known if k != "profile"])
+            raise BadInputError(where, f"{cls.__name__} has no setting {name!r}"
+                                + (f" (did you mean {near!r}?)" if near else ""),
+                                f"use one of {', '.join(sorted(k for k in known if k != 'profile'))}")
+        hint = known[name]
+        try:
+            value = coerce_value(value, hint)
+        except TypeMismatch:
+            raise BadInputError(where, f"{cls.__name__}.{name} expects {type_name(hint)}, got {value!r} "
+                                f"({type(value).__name__})",
+                                f"give a value of type {type_name(hint)}, e.g. {option} "
+                                f"{name}={_example(cls, name)}") from None
+        if isinstance(value, int) and not isinstance(value, bool):
+            if name in cls.POSITIVE and value < 1:
+                raise BadInputError(where, f"{name} must be a positive count, got {value}",
+                                    "give a whole number >= 1")
+            if value < 0:
+                raise BadInputError(where, f"{name} must not be negative, got {value}",
+                                    "give a whole number >= 0")
+        if (name == "lr" or name.endswith("_lr")) and value is not None and value <= 0:
+            raise BadInputError(where, f"a learning rate must be > 0, got {value}", "give e.g. 1e-4")
+        checked[name] = value
+    return checked
+
+
+def parse_overrides(cls: type[StageConfig], items: Sequence[str], option: str = "--set") -> dict[str, Any]:
+    """``["steps=50", "lr=1e-4"]`` -> checked settings for ``cls`` (see :func:`check_overrides`).
+
+    Each value is read as YAML (``true``, ``[0.0, 0.9]``, ``null``); a name given twice keeps the last.
+    """
+    overrides: dict[str, Any] = {}
+    shown: dict[str, str] = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise BadInputError(f"{option} {item!r}", "expected NAME=VALUE" + (" (no '=')" if not sep else
+                                                                             " (the name is empty)"),
+                                f"write it as {option} steps=50")
+        try:
+            overrides[name] = yaml.safe_load(raw) if raw.strip() else raw
+        except yaml.YAMLError as error:
+            raise BadInputError(f"{option} {item!r}", f"the value is not valid YAML ({getattr(error, 'problem', error)})",
+                                "quote it or fix its brackets") from None
+        shown[name] = item
+    return check_overrides(cls, overrides, option, shown)

@@ -5,6 +5,11 @@ Every run has its own folder ``papermill_runs/<run_id>/`` holding the executed n
 ``metrics.json`` is ONE flat JSON object whose keys are dotted lowercase names
 (``npedit.full.oracle_success``) and whose values are finite numbers; a figure measured over
 several seeds is stored as its mean under the key, with ``<key>.sd`` and ``<key>.n`` beside it.
+
+A run id names one set of parameters: :func:`claim_run` refuses to start a run in a folder that
+already holds one (its metrics would mix into the new report) unless asked to resume it with the
+same parameters or to overwrite it, and :func:`release_unused` removes the folders a run created
+when it failed before writing any output.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import json
 import math
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +28,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from nb_edit.core import paths
+from nb_edit.core.validation import BadInputError
 
 KEY_PATTERN = re.compile(r"^[a-z0-9_]+(\.[a-z0-9_]+)+$")
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -49,21 +56,131 @@ def new_run_id() -> str:
     return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
+def run_path(run_id: str) -> Path:
+    """The folder of run ``run_id`` (not created); ``""`` is the interactive run."""
+    run_id = run_id or INTERACTIVE_RUN
+    if not isinstance(run_id, str) or not RUN_ID_PATTERN.match(run_id):
+        raise BadInputError(f"run_id={run_id!r}", "not a usable folder name",
+                            "use letters, digits, '.', '_' and '-', starting with a letter or digit "
+                            "(for example --run-id tiny_s0, RUN_ID=tiny_s0 with make)")
+    return paths.runs_dir() / run_id
+
+
 def open_run(run_id: str = "") -> Run:
     """The folder of run ``run_id``, created if needed; ``""`` is the interactive run.
 
     A notebook opened by hand (or by nbval) has ``run_id = ""`` and writes to
     ``papermill_runs/interactive/``; ``make run`` passes a real id to every notebook.
     """
-    run_id = run_id or INTERACTIVE_RUN
-    if not RUN_ID_PATTERN.match(run_id):
-        raise ValueError(
-            f"run_id={run_id!r} is not a usable folder name; use letters, digits, '.', '_' "
-            "and '-' (for example RUN_ID=tiny_s0)."
-        )
-    path = paths.runs_dir() / run_id
+    path = run_path(run_id)
     path.mkdir(parents=True, exist_ok=True)
-    return Run(run_id, path)
+    return Run(path.name, path)
+
+
+def existing_run(run_id: str, command: str = "report") -> Run:
+    """An existing run (for commands that read one: ``report``, ``publish``), never created:
+    a mistyped id would otherwise leave an empty folder behind."""
+    path = run_path(run_id)
+    if not path.is_dir():
+        known = sorted(p.name for p in paths.runs_dir().glob("*") if p.is_dir()) if paths.runs_dir().is_dir() else []
+        raise BadInputError(f"{command} --run-id {run_id!r}", f"there is no run folder {path}",
+                            "give the id of an existing run" + (f", e.g. one of {', '.join(known[-5:])}" if known
+                                                                else "; make one with `make run`"))
+    return Run(path.name, path)
+
+
+# What `python -m nb_edit run` writes before its first notebook, and scratch files of atomic
+# writes: a folder holding only these has no output worth keeping after a failed start.
+RUNNER_FILES = ("config.json",)
+
+
+def holds_output(path: Path) -> bool:
+    """Whether a run folder holds anything beyond :data:`RUNNER_FILES` and hidden scratch files."""
+    if not path.is_dir():
+        return False
+    return any(not (entry.name in RUNNER_FILES or (entry.name.startswith(".") and entry.is_file()))
+               for entry in path.iterdir())
+
+
+def read_config(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / "config.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def _as_recorded(value: Any) -> Any:
+    """``value`` as config.json stores it (tuples as lists, odd objects as text), for comparing."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def recorded_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings that define a run, from its config.json: its parameters and seed study."""
+    settings = dict(config.get("parameters", {}))
+    if config.get("seed_study") is not None:
+        settings["seed_study"] = config["seed_study"]
+    return settings
+
+
+def changed_settings(earlier: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """The keys whose values differ between two sets of settings (a key on one side only counts)."""
+    earlier, now = _as_recorded(dict(earlier)), _as_recorded(dict(now))
+    return sorted(k for k in set(earlier) | set(now) if earlier.get(k, "<unset>") != now.get(k, "<unset>"))
+
+
+def claim_run(run_id: str, settings: Mapping[str, Any], *, resume: bool = False, overwrite: bool = False,
+              related: Iterable[str] = ()) -> tuple[Run, list[Path]]:
+    """Open run ``run_id`` for a new execution and return it with the folders this call creates.
+
+    ``settings`` are the run's parameters as :func:`recorded_settings` reads them back from
+    config.json; ``related`` are run ids that belong to it (a seed study's ``<run_id>.seed<k>``).
+    A folder that already holds anything is refused, since the earlier run's metrics would land
+    in the new report, unless ``resume`` (allowed only with the same settings) or ``overwrite``
+    (the folders are deleted first; call this after every other check, so that a run refused
+    for another reason deletes nothing).
+    """
+    parent = run_path(run_id)
+    folders = [parent] + [run_path(r) for r in related]
+    used = [f for f in folders if f.is_dir() and any(f.iterdir())]
+    if used and not (resume or overwrite):
+        entries = sorted(e.name for e in used[0].iterdir())
+        raise BadInputError(
+            f"--run-id {parent.name}",
+            f"the run folder {used[0]} already holds a run ({', '.join(entries[:4])}"
+            f"{', ...' if len(entries) > 4 else ''}); running into it would mix the two runs' metrics",
+            "choose a new --run-id (RUN_ID=... with make; leave it out for a date-time one), pass --resume to "
+            "run more notebooks into it with the SAME parameters, or --overwrite to delete it and start again")
+    if used and resume:
+        earlier = read_config(parent)
+        if earlier:
+            differ = changed_settings(recorded_settings(earlier), settings)
+            if differ:
+                before, after = _as_recorded(recorded_settings(earlier)), _as_recorded(dict(settings))
+                detail = "; ".join(f"{k}: {before.get(k, '<unset>')!r} -> {after.get(k, '<unset>')!r}"
+                                   for k in differ)
+                raise BadInputError(
+                    f"--resume {parent.name}",
+                    f"the parameters differ from those the run was started with ({detail})",
+                    "resume with the same -f/-p parameters, choose a new --run-id for the new ones, "
+                    "or pass --overwrite to replace the run")
+    # decided before --overwrite empties anything: a folder that held a run is never one this
+    # call created, so a failed start after an overwrite leaves it (empty) rather than guessing
+    created = [f for f in folders if not f.exists()]
+    if used and overwrite:
+        for folder in used:
+            shutil.rmtree(folder)
+    parent.mkdir(parents=True, exist_ok=True)
+    return Run(parent.name, parent), created
+
+
+def release_unused(created: Iterable[Path]) -> list[Path]:
+    """Remove the folders a failed run created, if none of them holds output (see
+    :func:`holds_output`); a folder that existed before the run is never passed here. Returns
+    the folders removed."""
+    created = [Path(f) for f in created if Path(f).is_dir()]
+    if any(holds_output(f) for f in created):
+        return []
+    for folder in created:
+        shutil.rmtree(folder)
+    return created
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

@@ -9,6 +9,7 @@ import torch
 
 from nb_edit import world
 from nb_edit.core.images import to_tensor, to_uint8
+from nb_edit.core.validation import BadInputError
 from nb_edit.methods.multireward.condition import (
     BEST_TEXT,
     UNKNOWN_TEXT,
@@ -18,6 +19,7 @@ from nb_edit.methods.multireward.condition import (
     RewardInputs,
     sinusoidal_embedding,
 )
+from nb_edit.models.autoencoders import PixelAutoencoder
 from nb_edit.models.editors import build_editor
 from nb_edit.models.tiny_configs import TINY_TEXT_DIM, tiny_flux_config, tiny_unet_config
 from nb_edit.rewards.single_turn import JudgeReward, multi_perspective, not_followed_text
@@ -118,8 +120,6 @@ class _TextEncoderStub(torch.nn.Module):
 
 
 def test_pipeline_keeps_reward_in_every_cfg_branch_and_checks_scores():
-    from nb_edit.models.autoencoders import PixelAutoencoder
-
     _, model = _wrapped("dit")
     pipe = RewardEditPipeline(model, _TextEncoderStub(), PixelAutoencoder())
     cond = pipe.condition(["make the red circle blue"] * 2, torch.zeros(2, 3, 32, 32))
@@ -139,8 +139,6 @@ def test_reward_guidance_is_cfg_over_the_reward_and_off_by_default():
     """``reward_guidance = w``: ``v_text(c_R) + (w - 1) (v(c_R) - v(c_unknown))``; ``w = 1`` is the
     paper's sampler, bit for bit; ``w = 0`` samples with the reward unknown."""
     from nb_edit.flow.pipeline import EditPipeline
-    from nb_edit.models.autoencoders import PixelAutoencoder
-
     editor, model = _wrapped("unet")
     with torch.no_grad():  # a condition the editor reads
         for layer in (model.condition.to_time, model.condition.attention.to_out[0]):
@@ -412,3 +410,18 @@ def test_record_condition_and_low_score_control():
     rows, texts = low_condition(["make the red circle blue"], ["colour"], scores=(1, 1, 1))
     assert rows.tolist() == [[1.0, 1.0, 1.0]]
     assert texts[0].startswith("the red circle is not blue; ") and "None" not in texts[0]
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("kind", ["nan", "0_255"])
+def test_the_reward_pipeline_refuses_bad_source_tensors(kind):
+    """The reward-conditioned edit checks a tensor source as the plain pipeline does."""
+    _, model = _wrapped("dit")
+    pipe = RewardEditPipeline(model, _TextEncoderStub(), PixelAutoencoder())
+    sources = torch.zeros(2, 3, 32, 32)
+    if kind == "nan":
+        sources[0, 0, 0, 0] = float("nan")
+    else:
+        sources = sources + 128.0
+    with pytest.raises(BadInputError, match=r"sources.*Fix:.*to_tensor"):
+        pipe.edit(sources, ["make the red circle blue"] * 2, steps=1)

@@ -9,6 +9,11 @@ bug that shows up weeks later as a bad metric.
 Resizing keeps the aspect ratio: ``fit="crop"`` scales the shorter side to the target and cuts
 the centre (nothing is distorted, the borders are lost); ``fit="pad"`` scales the longer side
 to the target and pads with white (nothing is lost, the borders are white).
+
+Tensors follow one convention: float ``(B, 3, H, W)`` in ``[-1, 1]`` (what :func:`to_tensor`
+makes). :func:`check_image_tensor` guards the public entry points that take image tensors (the
+edit pipeline, the judge): NaN, Inf, another range (say [0, 255] floats), another layout or an
+integer dtype would otherwise give finite, meaningless results.
 """
 
 from __future__ import annotations
@@ -22,12 +27,15 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from nb_edit.core.validation import BadInputError
 
-__all__ = ["BadInputError", "ImageConversionWarning", "load_image", "to_tensor", "to_uint8"]
+__all__ = ["BadInputError", "ImageConversionWarning", "check_image_tensor", "load_image", "to_tensor", "to_uint8"]
 
 # Formats decoded by Pillow itself; others (EPS through Ghostscript, PDF, ...) are refused.
 SUPPORTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
 DEFAULT_MAX_PIXELS = 40_000_000  # ~ 6300 x 6300; far above anything the editors take
 WHITE = (255, 255, 255)
+# Accepted beyond [lo, hi]: bicubic resizing overshoots by a few percent near edges; any real
+# mix-up of conventions ([0, 255], [0, 65535]) is far outside.
+RANGE_SLACK = 0.1
 
 
 class ImageConversionWarning(UserWarning):
@@ -170,3 +178,38 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
                             "check the model that produced them (a diverged run or a bad dtype)")
     scaled = ((images.clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
     return scaled.movedim(-3, -1).numpy()
+
+
+def check_image_tensor(x, name: str, lo: float = -1.0, hi: float = 1.0, slack: float = RANGE_SLACK):
+    """Return ``x`` if it is a float ``(B, 3, H, W)`` tensor of finite values in ``[lo, hi]``
+    (``slack`` beyond it accepted), else raise :class:`BadInputError` naming ``name``, what is
+    wrong (the NaN and Inf counts, the range found, the shape or dtype) and the fix.
+
+    One reduction over the tensor and one sync: cheap next to any model call, but meant for
+    public entry points, not for inner loops.
+    """
+    fix = f"pass float images (B, 3, H, W) in [{lo:g}, {hi:g}]: nb_edit.core.images.to_tensor makes them from uint8 arrays"
+    if not isinstance(x, torch.Tensor):
+        raise BadInputError(name, f"expected a torch.Tensor, got {type(x).__name__}", fix)
+    shape = tuple(x.shape)
+    if x.ndim != 4 or shape[1] != 3:
+        hint = " (channels last? use x.permute(0, 3, 1, 2))" if x.ndim == 4 and shape[-1] == 3 else ""
+        raise BadInputError(name, f"shape {shape} is not (B, 3, H, W){hint}", fix)
+    if not x.is_floating_point():
+        raise BadInputError(name, f"dtype {x.dtype} is not a float type (raw pixel values?)",
+                            fix + f", or x.float() / 127.5 - 1 for {x.dtype} values in [0, 255]")
+    if x.numel() == 0:
+        raise BadInputError(name, f"shape {shape} holds no pixel", fix)
+    values = x.detach()
+    finite = torch.isfinite(values)
+    if not bool(finite.all()):
+        n_nan = int(torch.isnan(values).sum())
+        n_inf = int((~finite).sum()) - n_nan
+        raise BadInputError(name, f"{n_nan} NaN and {n_inf} Inf of {values.numel()} values",
+                            "check what produced them (a diverged model, a division by zero); " + fix)
+    low, high = (float(v) for v in torch.aminmax(values.float()))
+    if low < lo - slack or high > hi + slack:
+        hint = " (looks like [0, 255] pixel values)" if low >= 0 and high > 2 else ""
+        raise BadInputError(name, f"values span [{low:.4g}, {high:.4g}], outside [{lo:g}, {hi:g}]{hint}",
+                            fix + ", or x / 127.5 - 1 for floats in [0, 255]")
+    return x

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from nb_edit.core.images import to_tensor, to_uint8
+from nb_edit.core.images import check_image_tensor, to_tensor, to_uint8
 from nb_edit.flow.losses import cfg_velocity
 from nb_edit.flow.sampling import VelocityFn, euler_sample, flow_sigmas
 from nb_edit.models.autoencoders import PixelAutoencoder
@@ -103,8 +103,11 @@ class EditPipeline:
     @torch.no_grad()
     def edit(self, sources: np.ndarray | Tensor, instructions: Sequence[str], steps: int = 4,
              seed: int = 0, guidance: float = 1.0, cond: Conditioning | None = None) -> np.ndarray:
-        """Edit uint8 images (B, H, W, 3) (or tensors in [-1, 1]) -> uint8 images."""
-        src = sources if isinstance(sources, Tensor) else to_tensor(sources)
+        """Edit uint8 images (B, H, W, 3) (or float tensors (B, 3, H, W) in [-1, 1]) -> uint8 images.
+
+        A tensor with NaN, Inf, another range or layout raises ``BadInputError`` naming ``sources``.
+        """
+        src = check_image_tensor(sources, "sources") if isinstance(sources, Tensor) else to_tensor(sources)
         cond = cond or self.condition(instructions, src)
         return self.sample(self.guided_velocity_fn(cond, guidance), src.shape[0], src.shape[-1], steps, seed)
 

@@ -9,8 +9,9 @@ Folders follow the hub repositories' layout, so the tiny stand-ins written by
 
 A frozen base can be quantised with bitsandbytes (``quantization="8bit"`` or ``"4bit"`` NF4,
 diffusers / transformers ``BitsAndBytesConfig``); train it through LoRA (:mod:`.lora`).
-diffusers' bitsandbytes path needs a GPU. Weights load from safetensors only and no remote code
-runs.
+diffusers' bitsandbytes path needs a GPU. Weights load from safetensors only (``use_safetensors=True``;
+a local folder that holds pickle weights only is refused by :func:`require_safetensors` with the
+fix) and no remote code runs.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from diffusers import (
 )
 from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
+from nb_edit.core.validation import BadInputError
 from nb_edit.models.autoencoders import KLAutoencoder, PixelAutoencoder
 from nb_edit.models.editors import FLUX_DEFAULT_GUIDANCE, DiTEditor, Editor, UNetEditor
 from nb_edit.models.text import TextEncoder
@@ -36,6 +38,26 @@ from nb_edit.models.text import TextEncoder
 BACKBONE_SUBFOLDER = {"unet": "unet", "dit": "transformer"}
 BACKBONES = ("auto", *BACKBONE_SUBFOLDER)
 QUANTIZATIONS = (None, "8bit", "4bit")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def require_safetensors(model_id: str | Path, subfolder: str | None = None) -> None:
+    """Refuse a local model folder whose weights are pickle files only.
+
+    Unpickling can run arbitrary code, so the project loads safetensors only; the libraries,
+    asked for ``use_safetensors=True``, refuse such a folder too, but with a message that
+    neither says why nor how to fix it. Hub ids are left to the library (it does refuse them).
+    """
+    folder = Path(model_id) / subfolder if subfolder else Path(model_id)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise BadInputError(
+            folder, f"holds its weights only as pickle files ({', '.join(pickles)}), which can run code when "
+            "loaded; this project loads safetensors only",
+            "convert them to safetensors (load the model once where you trust it and save_pretrained(..., "
+            "safe_serialization=True)), or use a copy of the model that ships *.safetensors files")
 
 
 def _read_json(model_id: str | Path, filename: str) -> dict | None:
@@ -90,6 +112,7 @@ def _quantization_config(quantization: str | None, dtype: torch.dtype | None, li
 
 def _load(cls, model_id, subfolder, quantization, dtype, device, library="diffusers"):
     """``cls.from_pretrained`` with the project's safety and placement rules."""
+    require_safetensors(model_id, subfolder)
     kwargs = dict(subfolder=subfolder, use_safetensors=True, torch_dtype=dtype)
     quant = _quantization_config(quantization, dtype, library)
     if quant is not None:

@@ -4,6 +4,9 @@ A stage supplies ``step_fn(batch, step) -> {"loss": tensor, ...}``; the loop doe
 backward, gradient clipping, the optimizer and LR-scheduler steps, the EMA update, a guard
 against NaN/Inf, mixed precision on GPUs, progress, logging, checkpoints, and resuming from the
 newest checkpoint so that an interrupted run continues bit-for-bit where it stopped (on CPU).
+Resuming skips a corrupt checkpoint for the newest intact one, and refuses a checkpoint made
+with another stage configuration (``run_config``) unless ``allow_config_change=True``; see
+:mod:`nb_edit.training.checkpoint` for what may change between a run and its resume.
 
 Auxiliary models updated several times per step (NP-Edit's fake score, DMD2 section 4.1) run
 their inner updates inside ``step_fn`` on ``aux_optimizers``, which the loop only checkpoints.
@@ -32,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nb_edit.core.runtime import set_seed
-from nb_edit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from nb_edit.training.checkpoint import latest_checkpoint, load_latest_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -229,13 +232,19 @@ def train(step_fn: StepFn, modules: dict[str, torch.nn.Module], *, config: LoopC
           ckpt_dir: str | Path, batch_fn, optimizers: dict[str, torch.optim.Optimizer] | None = None,
           aux_optimizers: dict[str, torch.optim.Optimizer] | None = None,
           log_fn: Callable[[int, dict[str, float]], None] | None = None,
-          run_config: dict | None = None, resume: bool = True, progress: bool = True) -> History:
+          run_config: dict | None = None, resume: bool = True, progress: bool = True,
+          allow_config_change: bool = False) -> History:
     """Run ``config.steps`` steps of ``step_fn`` and return the full history (resumed runs included).
 
     ``batch_fn`` is ``batch_fn(step) -> batch`` (the data position is the step) or an iterator
     with ``state_dict()``/``load_state_dict()`` (its state is checkpointed). Without
     ``optimizers`` one optimizer (``make_optimizer``) takes every trainable parameter of
     ``modules``. The loop sets no train/eval mode: the stage owns that.
+
+    ``run_config`` is the stage's configuration: saved with every checkpoint, and compared with
+    the one a resumed checkpoint was made with; a change other than the stage's length, cadence
+    or placement raises ``BadInputError`` naming the fields, unless ``allow_config_change=True``
+    (then it warns). A corrupt newest checkpoint is skipped for the newest intact one.
     """
     cfg, ckpt_dir = config, Path(ckpt_dir)
     if not modules:
@@ -270,8 +279,12 @@ def train(step_fn: StepFn, modules: dict[str, torch.nn.Module], *, config: LoopC
     if last_good is not None and not resume:
         raise FileExistsError(f"{ckpt_dir} already holds checkpoints (newest {last_good.name}) and resume=False; "
                               "pass resume=True to continue that run, or another ckpt_dir to start over")
-    if last_good is not None:
-        state = load_checkpoint(last_good, modules)
+    # only process 0 renames corrupt checkpoints, so the others never race it
+    found = (load_latest_checkpoint(ckpt_dir, modules, stage_config=run_config, allow_config_change=allow_config_change,
+                                    set_aside=is_main_process()) if last_good is not None else None)
+    last_good = found[0] if found is not None else None
+    if found is not None:
+        state = found[1]
         saved_loop = {k: v for k, v in state["config"].get("loop", {}).items() if k != "steps"}
         changed = sorted(k for k, v in json.loads(json.dumps(asdict(cfg))).items() if k in saved_loop and saved_loop[k] != v)
         if (changed and set(changed) <= {"decay_steps", "schedule"} and saved_loop.get("schedule") == "constant"
@@ -310,7 +323,7 @@ def train(step_fn: StepFn, modules: dict[str, torch.nn.Module], *, config: LoopC
                  "history": list(history), "nonfinite_total": nonfinite_total}
         path = save_checkpoint(ckpt_dir, completed, modules=modules, state=state,
                                ema=ema.shadow if ema is not None else None, keep_last=cfg.keep_last,
-                               config={"loop": asdict(cfg), "run": run_config})
+                               config={"loop": asdict(cfg), "run": run_config}, stage_config=run_config)
         if _world_size() > 1:
             torch.distributed.barrier()
         return path

@@ -40,7 +40,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import get_timestep_embedding
 from torch import Tensor, nn
 
-from nb_edit.core.images import to_tensor
+from nb_edit.core.images import check_image_tensor, to_tensor
 from nb_edit.flow.losses import cfg_velocity
 from nb_edit.flow.pipeline import Conditioning, EditPipeline
 from nb_edit.rewards.single_turn import NO_FAILURE
@@ -274,7 +274,7 @@ class RewardEditPipeline(EditPipeline):
              failure_texts=BEST_TEXT, reward_guidance: float = 1.0) -> np.ndarray:
         """Edit with the requested reward: default (5, 5, 5) and "None; None; None";
         ``reward_guidance`` > 1 guides towards it (see the module's docstring)."""
-        src = sources if isinstance(sources, Tensor) else to_tensor(sources)
+        src = check_image_tensor(sources, "sources") if isinstance(sources, Tensor) else to_tensor(sources)
         if cond is None:
             cond = self.condition(instructions, src, scores=scores, failure_texts=failure_texts)
         return self.sample(self.guided_velocity_fn(cond, guidance, reward_guidance=reward_guidance), src.shape[0],

@@ -46,7 +46,10 @@ from transformers import (
     Qwen2VLImageProcessorPil,
 )
 
+from nb_edit.core.images import check_image_tensor
 from nb_edit.core.runtime import pick_device, pick_dtype
+from nb_edit.core.validation import BadInputError
+from nb_edit.models.loaders import require_safetensors
 from nb_edit.models.vlm.parsing import parse_score
 from nb_edit.models.vlm.preprocess import ClipPreprocess, QwenVLPreprocess
 
@@ -109,6 +112,8 @@ class VLMJudge:
 
     ``images`` everywhere is a list with one ``(B, 3, H, W)`` tensor in ``[-1, 1]`` per image
     slot (e.g. ``[source, edited]``); sample ``b`` is asked about ``images[k][b]`` for every k.
+    Every readout checks them (``core.images.check_image_tensor``: NaN, Inf, range, layout) and
+    raises ``BadInputError`` naming the slot, except tensors that carry a gradient.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, image_processor: Any):
@@ -144,16 +149,18 @@ class VLMJudge:
         dtype: str | torch.dtype = "auto",
         device: str | torch.device = "auto",
     ) -> "VLMJudge":
-        """Load model, tokenizer and image processor (never ``trust_remote_code``).
+        """Load model, tokenizer and image processor (never ``trust_remote_code``; weights from
+        safetensors only: a folder with pickle weights only is refused with the fix).
 
         ``quantization``: None, ``"4bit"`` (NF4) or ``"8bit"`` (bitsandbytes) for the language model;
         the vision tower, projector and head stay in ``dtype`` so pixel gradients stay precise.
         """
         device = pick_device(str(device))
         torch_dtype = dtype if isinstance(dtype, torch.dtype) else pick_dtype(device, dtype)
+        require_safetensors(path_or_id)
         config = AutoConfig.from_pretrained(path_or_id, trust_remote_code=False)
         family = _family_of(config)
-        load_kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": False}
+        load_kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": False, "use_safetensors": True}
         if quantization is not None:
             load_kwargs["quantization_config"] = _bnb_config(quantization, torch_dtype, family)
             load_kwargs["device_map"] = {"": device}
@@ -280,11 +287,20 @@ class VLMJudge:
             images = [images]
         if len(images) == 0:
             raise ValueError("images is empty; pass a list of (B, 3, H, W) tensors, one per image slot.")
+        for k, img in enumerate(images):
+            # Every public readout passes here. A tensor with a gradient is a model's output inside a
+            # training step (NP-Edit's decoded generator output): unclamped by design, and NaN there is
+            # the training loop's to count and skip, so only its layout is checked.
+            if isinstance(img, torch.Tensor) and img.requires_grad:
+                if img.ndim != 4 or img.shape[1] != 3:
+                    raise BadInputError(f"images[{k}]", f"shape {tuple(img.shape)} is not (B, 3, H, W)",
+                                        "pass one (B, 3, H, W) tensor in [-1, 1] per image slot")
+            else:
+                check_image_tensor(img, f"images[{k}]")
         batch = images[0].shape[0]
-        if any(img.ndim != 4 or img.shape[0] != batch for img in images):
-            raise ValueError(
-                f"every image slot must be (B, 3, H, W) with the same B; got {[tuple(i.shape) for i in images]}."
-            )
+        if any(img.shape[0] != batch for img in images):
+            raise BadInputError("images", f"the slots hold different batch sizes {[tuple(i.shape) for i in images]}",
+                                "give every slot the same B (sample b is asked about images[k][b])")
         if self.family.is_qwen:
             per_slot = [self.preprocess(img.to(self.device)) for img in images]
             rows = [pixels.view(batch, -1, pixels.shape[-1]) for pixels, _ in per_slot]

@@ -11,6 +11,8 @@
                every ``--set NAME=VALUE`` is checked against the stage's config before anything loads;
 * ``pretrain`` - make the tiny stand-ins for hub models shipped in ``data/pretrained/``
                  (what ``make pretrain`` calls; each part is skipped when already made);
+* ``export``   - a run's LoRA as diffusers LoRA weights that the stock pipeline's
+                 ``load_lora_weights`` reads (Multi-Reward's condition module beside them);
 * ``bench``    - time the project's fast paths against the plain way (``nb_edit.bench``),
                  print a table and optionally record the ``bench.*`` metrics into a run.
 
@@ -345,6 +347,13 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from nb_edit.methods.export import export_checkpoint  # lazy: torch, diffusers and peft; `run` and `report` need none
+
+    print(export_checkpoint(args.checkpoint, args.to, adapter_name=args.adapter, use_ema=args.ema))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from nb_edit import bench  # lazy: torch and the models; `run` and `report` need neither
 
@@ -463,6 +472,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="config setting (repeatable), checked against the stage's config before anything loads")
     tr.add_argument("--ckpt-dir", default=None, help="checkpoint folder (default: keyed in the cache)")
     tr.set_defaults(func=cmd_train)
+    exp = sub.add_parser("export", help="write a run's LoRA for the stock diffusers pipelines (load_lora_weights)")
+    exp.add_argument("checkpoint", help="a run's checkpoint folder (holding step_* folders) or one step_* folder")
+    exp.add_argument("--to", required=True, help="output folder: pytorch_lora_weights.safetensors (+ reward condition)")
+    exp.add_argument("--adapter", default=None, help="LoRA adapter (default: generator, policy or the only one)")
+    exp.add_argument("--ema", action="store_true", help="export the EMA weights (runs trained with ema_decay)")
+    exp.set_defaults(func=cmd_export)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -1,5 +1,5 @@
-"""The VLM judge: one interface over LLaVA and Qwen2.5-VL (NP-Edit Sec. 3.2, MT-EditFlow's and
-Multi-Reward's VLM scores, UniWorld-V2's implicit digit reward).
+"""The VLM judge: one interface over LLaVA, LLaVA-OneVision and Qwen2.5-VL (NP-Edit Sec. 3.2,
+MT-EditFlow's and Multi-Reward's VLM scores, UniWorld-V2's implicit digit reward).
 
 Three ways to read a frozen vision-language model:
 
@@ -15,11 +15,20 @@ Prompts put the images first and the question after them, so the image part of t
 a prefix shared by every question about the same images: ``yes_no_logits_multi`` runs it once
 and reuses its key/value cache for each question.
 
-Families are chosen by ``config.model_type``: ``llava`` (``LlavaForConditionalGeneration``, CLIP
-image processor, one ``<image>`` token per vision patch; the CLS token is dropped with
-``vision_feature_select_strategy="default"``) and ``qwen2_5_vl`` / ``qwen2_vl`` (one
-``<|image_pad|>`` token per merged patch: ``grid_h * grid_w / merge_size**2``, wrapped in
-``<|vision_start|>`` ... ``<|vision_end|>``, with 3-D rotary positions).
+Families are chosen by ``config.model_type`` (``_FAMILIES``; what differs between them lives in
+``_Family``):
+
+- ``llava`` (``LlavaForConditionalGeneration``, CLIP image processor, one ``<image>`` token per
+  vision patch; the CLS token is dropped with ``vision_feature_select_strategy="default"``);
+- ``llava_onevision`` (``LlavaOnevisionForConditionalGeneration``, SigLIP tower, Qwen2 language
+  model, ``LlavaOnevisionImageProcessor``). As its processor does, an image alone in its prompt
+  is read as anyres tiles (a base view plus the tiles of the best ``image_grid_pinpoints``
+  resolution, padding cropped off, one newline token per feature row, shrunk past
+  ``vision_aspect_ratio="anyres_max_N"``), and each image of a multi-image prompt (a source
+  and an edit) as one base view and one newline token;
+- ``qwen2_5_vl`` / ``qwen2_vl`` (one ``<|image_pad|>`` token per merged patch:
+  ``grid_h * grid_w / merge_size**2``, wrapped in ``<|vision_start|>`` ... ``<|vision_end|>``,
+  with 3-D rotary positions).
 """
 
 from __future__ import annotations
@@ -39,6 +48,9 @@ from transformers import (
     CLIPImageProcessorPil,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessorPil,
     PreTrainedTokenizerBase,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -51,14 +63,25 @@ from nb_edit.core.runtime import pick_device, pick_dtype
 from nb_edit.core.validation import BadInputError
 from nb_edit.models.loaders import require_safetensors
 from nb_edit.models.vlm.parsing import parse_score
-from nb_edit.models.vlm.preprocess import ClipPreprocess, QwenVLPreprocess
+from nb_edit.models.vlm.preprocess import ClipPreprocess, OneVisionPreprocess, QwenVLPreprocess
 
 # Words the plain prompt template and the answers use: a word-level tokenizer for a tiny judge
 # must contain them (pass them to the tokenizer builder along with the questions).
 TEMPLATE_WORDS = ("USER", ":", "ASSISTANT", "Yes", "No", "0", "1", "2", "3", "4", "5")
 
 LLAVA_IMAGE_TOKEN = "<image>"
+LLAVA_VIDEO_TOKEN = "<video>"  # LLaVA-OneVision's config names a video token; the judge never uses it
 QWEN_VISION_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>")
+
+
+# What a family does with the image slots: (judge, slots on the judge's device) -> (the model's image
+# inputs, image tokens per slot). Every tensor in the inputs is laid out sample-major (all of sample
+# 0's rows, then sample 1's...), with the same number of rows per sample, so that repeating samples
+# (one row per question) is the same operation for every family (``_repeat_samples``).
+VisionInputs = Callable[["VLMJudge", Sequence[torch.Tensor]], tuple[dict[str, torch.Tensor], list[int]]]
+# A tiny family member for tests: (tokenizer, image_size, **sizes) -> (config, image processor); it
+# adds the family's image tokens to the tokenizer first.
+TinyBuilder = Callable[..., tuple[Any, Any]]
 
 
 @dataclass(frozen=True)
@@ -68,19 +91,15 @@ class _Family:
     # Module-name prefixes (as transformers matches them) that stay in full precision: the
     # vision side, so pixel gradients stay precise, and the head, which the answer logits need.
     skip_quantization: tuple[str, ...]
+    vision_inputs: VisionInputs
+    tiny: TinyBuilder | None = None
+    # Raises when the model's config and the preprocessing built from the image processor disagree
+    # on something the model relies on (checked once, when the judge is built).
+    check: Callable[[Any, Any], None] | None = None
 
     @property
     def is_qwen(self) -> bool:
         return self.preprocess_class is QwenVLPreprocess
-
-
-_FAMILIES = {
-    "llava": _Family(
-        LlavaForConditionalGeneration, ClipPreprocess, ("model.vision_tower", "model.multi_modal_projector", "lm_head")
-    ),
-    "qwen2_5_vl": _Family(Qwen2_5_VLForConditionalGeneration, QwenVLPreprocess, ("model.visual", "lm_head")),
-    "qwen2_vl": _Family(Qwen2VLForConditionalGeneration, QwenVLPreprocess, ("model.visual", "lm_head")),
-}
 
 
 def _family_of(config: Any) -> _Family:
@@ -123,6 +142,8 @@ class VLMJudge:
         self.image_processor = image_processor
         self.preprocess = self.family.preprocess_class.from_image_processor(image_processor)
         config = model.config
+        if self.family.check is not None:
+            self.family.check(config, self.preprocess)
         self.image_token_id = int(config.image_token_id)
         if self.family.is_qwen:
             self.vision_end_token_id = int(config.vision_end_token_id)
@@ -176,41 +197,15 @@ class VLMJudge:
         cls, family: str, tokenizer: PreTrainedTokenizerBase, image_size: int = 32, seed: int = 0,
         **sizes: int,
     ) -> "VLMJudge":
-        """A randomly initialised tiny judge of ``family`` (``llava`` or ``qwen2_5_vl``) for tests.
+        """A randomly initialised tiny judge of ``family`` (``llava``, ``llava_onevision`` or
+        ``qwen2_5_vl``) for tests.
 
         Adds the family's image tokens to ``tokenizer`` (in place) before sizing the vocabulary.
         """
-        if family == "llava":
-            tokenizer.add_special_tokens(
-                {"extra_special_tokens": [LLAVA_IMAGE_TOKEN]}, replace_extra_special_tokens=False
-            )
-            config = tiny_llava_config(
-                vocab_size=len(tokenizer),
-                image_token_id=tokenizer.convert_tokens_to_ids(LLAVA_IMAGE_TOKEN),
-                image_size=image_size,
-                **sizes,
-            )
-            image_processor = CLIPImageProcessorPil(
-                size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-            )
-        elif family == "qwen2_5_vl":
-            tokenizer.add_special_tokens(
-                {"extra_special_tokens": list(QWEN_VISION_TOKENS)}, replace_extra_special_tokens=False
-            )
-            start, pad, end, video = tokenizer.convert_tokens_to_ids(list(QWEN_VISION_TOKENS))
-            config = tiny_qwen2_5_vl_config(
-                vocab_size=len(tokenizer), image_token_id=pad, video_token_id=video,
-                vision_start_token_id=start, vision_end_token_id=end,
-            )
-            vision = config.vision_config
-            factor = vision.patch_size * vision.spatial_merge_size
-            image_processor = Qwen2VLImageProcessorPil(
-                patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
-                temporal_patch_size=vision.temporal_patch_size,
-                min_pixels=factor * factor, max_pixels=image_size * image_size,
-            )
-        else:
-            raise ValueError(f"family={family!r} is unknown; use 'llava' or 'qwen2_5_vl'.")
+        builders = {name: fam.tiny for name, fam in _FAMILIES.items() if fam.tiny is not None}
+        if family not in builders:
+            raise ValueError(f"family={family!r} has no tiny judge; use one of {', '.join(map(repr, builders))}.")
+        config, image_processor = builders[family](tokenizer, image_size, **sizes)
         torch.manual_seed(seed)
         model = _FAMILIES[family].model_class(config).eval()
         model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -301,45 +296,20 @@ class VLMJudge:
         if any(img.shape[0] != batch for img in images):
             raise BadInputError("images", f"the slots hold different batch sizes {[tuple(i.shape) for i in images]}",
                                 "give every slot the same B (sample b is asked about images[k][b])")
-        if self.family.is_qwen:
-            per_slot = [self.preprocess(img.to(self.device)) for img in images]
-            rows = [pixels.view(batch, -1, pixels.shape[-1]) for pixels, _ in per_slot]
-            pixel_values = torch.stack(rows, dim=1).flatten(0, 2) if _same_shapes(rows) else torch.cat(
-                [rows[k][b] for b in range(batch) for k in range(len(rows))]
-            )
-            grid = torch.stack([thw for _, thw in per_slot], dim=1).flatten(0, 1)
-            merge = self.preprocess.merge_size**2
-            counts = [int(thw[0].prod()) // merge for _, thw in per_slot]
-            inputs = {"pixel_values": pixel_values.to(self.dtype), "image_grid_thw": grid}
-        else:
-            slots = [self.preprocess(img.to(self.device)) for img in images]
-            if not _same_shapes(slots):
-                raise ValueError(
-                    f"LLaVA needs every image at the vision tower's size; slots preprocess to "
-                    f"{[tuple(s.shape[-2:]) for s in slots]}."
-                )
-            patch = self.model.config.vision_config.patch_size
-            height, width = slots[0].shape[-2:]
-            cls_kept = self.model.config.vision_feature_select_strategy == "full"
-            counts = [(height // patch) * (width // patch) + int(cls_kept)] * len(slots)
-            inputs = {"pixel_values": torch.stack(slots, dim=1).flatten(0, 1).to(self.dtype)}
+        inputs, counts = self.family.vision_inputs(self, [img.to(self.device) for img in images])
         return inputs, counts, batch
 
     @staticmethod
-    def _repeat_samples(inputs: dict[str, torch.Tensor], counts: Sequence[int], repeats: int) -> dict:
-        """Repeat every sample's images ``repeats`` times (sample-major), for one row per question."""
+    def _repeat_samples(inputs: dict[str, torch.Tensor], batch: int, repeats: int) -> dict:
+        """Repeat every sample's images ``repeats`` times (sample-major), for one row per question.
+
+        Every family lays its image inputs out sample-major with the same rows per sample.
+        """
         if repeats == 1:
             return inputs
-        if "image_grid_thw" not in inputs:
-            pixels = inputs["pixel_values"]
-            per_sample = pixels.view(-1, len(counts), *pixels.shape[1:])
-            return {"pixel_values": per_sample.repeat_interleave(repeats, dim=0).flatten(0, 1)}
-        grid = inputs["image_grid_thw"].view(-1, len(counts), 3)
-        rows_per_sample = int(grid[0].prod(-1).sum())
-        pixels = inputs["pixel_values"].view(grid.shape[0], rows_per_sample, -1)
         return {
-            "pixel_values": pixels.repeat_interleave(repeats, dim=0).flatten(0, 1),
-            "image_grid_thw": grid.repeat_interleave(repeats, dim=0).flatten(0, 1),
+            key: value.view(batch, -1, *value.shape[1:]).repeat_interleave(repeats, dim=0).flatten(0, 1)
+            for key, value in inputs.items()
         }
 
     # ----------------------------------------------------------------------------- forward
@@ -382,7 +352,7 @@ class VLMJudge:
             return self._prefix_reuse_logits(vision, counts, batch, n_questions, prompts, prefix_len)
         ids, lengths = _right_pad([ids for ids, _ in prompts], self.pad_id, self.device)
         # Right padding lies after every answer position, so a causal model needs no mask.
-        hidden = self._base_forward(ids, self._repeat_samples(vision, counts, n_questions)).last_hidden_state
+        hidden = self._base_forward(ids, self._repeat_samples(vision, batch, n_questions)).last_hidden_state
         return self._logits_at(hidden, lengths).view(batch, n_questions, -1)
 
     def _prefix_reuse_logits(self, vision, counts, batch, n_questions, prompts, prefix_len) -> torch.Tensor:
@@ -393,7 +363,7 @@ class VLMJudge:
         kwargs: dict[str, Any] = {"past_key_values": cache, "use_cache": True}
         if self.family.is_qwen:
             whole = torch.cat([prefix.repeat_interleave(n_questions, dim=0), suffix], dim=1)
-            grid = self._repeat_samples(vision, counts, n_questions)["image_grid_thw"]
+            grid = self._repeat_samples(vision, batch, n_questions)["image_grid_thw"]
             kwargs["position_ids"] = self._positions(whole, grid)[..., prefix_len:]
         hidden = self._base_forward(suffix, None, **kwargs).last_hidden_state
         return self._logits_at(hidden, lengths).view(batch, n_questions, -1)
@@ -508,6 +478,164 @@ def _bnb_config(quantization: str, compute_dtype: torch.dtype, family: _Family) 
     raise ValueError(f"quantization={quantization!r} is unknown; use None, '4bit' or '8bit'.")
 
 
+# --------------------------------------------------------------------------------- per family
+def _llava_vision_inputs(judge: VLMJudge, images: Sequence[torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[int]]:
+    slots = [judge.preprocess(img) for img in images]
+    if not _same_shapes(slots):
+        raise ValueError(
+            f"LLaVA needs every image at the vision tower's size; slots preprocess to "
+            f"{[tuple(s.shape[-2:]) for s in slots]}."
+        )
+    patch = judge.model.config.vision_config.patch_size
+    height, width = slots[0].shape[-2:]
+    cls_kept = judge.model.config.vision_feature_select_strategy == "full"
+    counts = [(height // patch) * (width // patch) + int(cls_kept)] * len(slots)
+    return {"pixel_values": torch.stack(slots, dim=1).flatten(0, 1).to(judge.dtype)}, counts
+
+
+def _qwen_vision_inputs(judge: VLMJudge, images: Sequence[torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[int]]:
+    batch = images[0].shape[0]
+    per_slot = [judge.preprocess(img) for img in images]
+    rows = [pixels.view(batch, -1, pixels.shape[-1]) for pixels, _ in per_slot]
+    pixel_values = torch.stack(rows, dim=1).flatten(0, 2) if _same_shapes(rows) else torch.cat(
+        [rows[k][b] for b in range(batch) for k in range(len(rows))]
+    )
+    grid = torch.stack([thw for _, thw in per_slot], dim=1).flatten(0, 1)
+    merge = judge.preprocess.merge_size**2
+    counts = [int(thw[0].prod()) // merge for _, thw in per_slot]
+    return {"pixel_values": pixel_values.to(judge.dtype), "image_grid_thw": grid}, counts
+
+
+def _onevision_vision_inputs(
+    judge: VLMJudge, images: Sequence[torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], list[int]]:
+    # As LlavaOnevisionProcessor does: anyres tiles only for an image alone in its prompt. The model
+    # learns which images came as tiles from batch_num_images (without it, it expects tiles for all).
+    tiles = len(images) == 1
+    per_slot = [judge.preprocess(img, tiles=tiles) for img in images]
+    batch = images[0].shape[0]
+    # (B, views of slot 0 + views of slot 1 + ..., 3, S, S) -> one row per view, sample-major.
+    pixel_values = torch.cat([pixels for pixels, _ in per_slot], dim=1).flatten(0, 1)
+    image_sizes = torch.stack([sizes for _, sizes in per_slot], dim=1).flatten(0, 1)
+    config = judge.model.config
+    features_per_side = config.vision_config.image_size // config.vision_config.patch_size
+    max_tiles = _onevision_max_tiles(config)
+    counts = [
+        judge.preprocess.tokens_per_image(*img.shape[-2:], features_per_side, max_tiles, tiles=tiles) for img in images
+    ]
+    inputs = {
+        "pixel_values": pixel_values.to(judge.dtype),
+        "image_sizes": image_sizes,
+        "batch_num_images": torch.full((batch,), len(images), dtype=torch.long, device=pixel_values.device),
+    }
+    return inputs, counts
+
+
+def _onevision_max_tiles(config: Any) -> int:
+    aspect = str(config.vision_aspect_ratio)
+    if not aspect.startswith("anyres_max_") or not aspect.removeprefix("anyres_max_").isdigit():
+        raise ValueError(
+            f"config.vision_aspect_ratio={aspect!r} is not 'anyres_max_N'; the judge counts image tokens the way "
+            "LlavaOnevisionModel packs them, which needs N (the released models use 'anyres_max_9')."
+        )
+    return int(aspect.removeprefix("anyres_max_"))
+
+
+def _check_onevision(config: Any, preprocess: OneVisionPreprocess) -> None:
+    """The model unpacks tiles with its own config; the preprocessing cut them with the processor's."""
+    pinpoints = tuple((int(h), int(w)) for h, w in config.image_grid_pinpoints)
+    if pinpoints != preprocess.grid_pinpoints:
+        raise ValueError(
+            f"config.image_grid_pinpoints={list(map(list, pinpoints))} differ from the image processor's "
+            f"{list(map(list, preprocess.grid_pinpoints))}; the model would read the tiles on another grid. "
+            "Save the image processor with the model's image_grid_pinpoints."
+        )
+    if config.vision_config.image_size != preprocess.side:
+        raise ValueError(
+            f"the vision tower takes {config.vision_config.image_size} px tiles but the image processor makes "
+            f"{preprocess.side} px ones; build the processor with size={{'height': "
+            f"{config.vision_config.image_size}, 'width': {config.vision_config.image_size}}}."
+        )
+    if config.vision_feature_select_strategy != "full":
+        # SigLIP has no CLS token: "default" drops a real patch, and the model then refuses tiles.
+        raise ValueError(
+            f"config.vision_feature_select_strategy={config.vision_feature_select_strategy!r}; LLaVA-OneVision "
+            "keeps every SigLIP patch: set it to 'full'."
+        )
+    _onevision_max_tiles(config)
+
+
+def _tiny_llava(tokenizer: PreTrainedTokenizerBase, image_size: int, **sizes: int) -> tuple[LlavaConfig, Any]:
+    tokenizer.add_special_tokens({"extra_special_tokens": [LLAVA_IMAGE_TOKEN]}, replace_extra_special_tokens=False)
+    config = tiny_llava_config(
+        vocab_size=len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids(LLAVA_IMAGE_TOKEN),
+        image_size=image_size, **sizes,
+    )
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    return config, image_processor
+
+
+def _tiny_llava_onevision(
+    tokenizer: PreTrainedTokenizerBase, image_size: int, **sizes: int
+) -> tuple[LlavaOnevisionConfig, Any]:
+    tokens = [LLAVA_IMAGE_TOKEN, LLAVA_VIDEO_TOKEN]
+    tokenizer.add_special_tokens({"extra_special_tokens": tokens}, replace_extra_special_tokens=False)
+    image_id, video_id = tokenizer.convert_tokens_to_ids(tokens)
+    config = tiny_llava_onevision_config(
+        vocab_size=len(tokenizer), image_token_id=image_id, video_token_id=video_id, image_size=image_size, **sizes
+    )
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=[list(p) for p in config.image_grid_pinpoints],
+    )
+    return config, image_processor
+
+
+def _tiny_qwen2_5_vl(tokenizer: PreTrainedTokenizerBase, image_size: int, **_sizes: int) -> tuple[Any, Any]:
+    # The tiny Qwen2.5-VL has fixed sizes (the layer and width arguments of the other families are ignored).
+    tokenizer.add_special_tokens(
+        {"extra_special_tokens": list(QWEN_VISION_TOKENS)}, replace_extra_special_tokens=False
+    )
+    start, pad, end, video = tokenizer.convert_tokens_to_ids(list(QWEN_VISION_TOKENS))
+    config = tiny_qwen2_5_vl_config(
+        vocab_size=len(tokenizer), image_token_id=pad, video_token_id=video,
+        vision_start_token_id=start, vision_end_token_id=end,
+    )
+    vision = config.vision_config
+    factor = vision.patch_size * vision.spatial_merge_size
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
+        temporal_patch_size=vision.temporal_patch_size,
+        min_pixels=factor * factor, max_pixels=image_size * image_size,
+    )
+    return config, image_processor
+
+
+_FAMILIES = {
+    "llava": _Family(
+        LlavaForConditionalGeneration, ClipPreprocess,
+        ("model.vision_tower", "model.multi_modal_projector", "lm_head"),
+        vision_inputs=_llava_vision_inputs, tiny=_tiny_llava,
+    ),
+    "llava_onevision": _Family(
+        # image_newline is a parameter, not a Linear: bitsandbytes leaves it in dtype anyway.
+        LlavaOnevisionForConditionalGeneration, OneVisionPreprocess,
+        ("model.vision_tower", "model.multi_modal_projector", "lm_head"),
+        vision_inputs=_onevision_vision_inputs, tiny=_tiny_llava_onevision, check=_check_onevision,
+    ),
+    "qwen2_5_vl": _Family(
+        Qwen2_5_VLForConditionalGeneration, QwenVLPreprocess, ("model.visual", "lm_head"),
+        vision_inputs=_qwen_vision_inputs, tiny=_tiny_qwen2_5_vl,
+    ),
+    "qwen2_vl": _Family(
+        Qwen2VLForConditionalGeneration, QwenVLPreprocess, ("model.visual", "lm_head"),
+        vision_inputs=_qwen_vision_inputs,
+    ),
+}
+
+
 # --------------------------------------------------------------------------------- tiny configs
 def tiny_llava_config(vocab_size: int, image_token_id: int, image_size: int = 32, patch_size: int = 4,
                       vision_layers: int = 2, text_layers: int = 2, hidden: int = 96) -> LlavaConfig:
@@ -553,4 +681,34 @@ def tiny_qwen2_5_vl_config(
         video_token_id=video_token_id,
         vision_start_token_id=vision_start_token_id,
         vision_end_token_id=vision_end_token_id,
+    )
+
+
+def tiny_llava_onevision_config(
+    vocab_size: int, image_token_id: int, video_token_id: int, image_size: int = 32, patch_size: int = 4,
+    vision_layers: int = 2, text_layers: int = 2, hidden: int = 96,
+) -> LlavaOnevisionConfig:
+    """SigLIP tower (32 px tiles, patch 4 -> 64 features a tile, 2 layers, hidden 96) + 2-layer Qwen2.
+
+    Pinpoints: 1 x 1, 1 x 2, 2 x 1 and 2 x 2 tiles, so a square image of ``image_size`` is the base
+    view plus one tile (64 + 8 rows * (8 + 1 newline) = 136 tokens) and a larger one up to 4 tiles.
+    """
+    side = image_size
+    return LlavaOnevisionConfig(
+        vision_config={
+            "model_type": "siglip_vision_model", "image_size": image_size, "patch_size": patch_size,
+            "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": vision_layers,
+            "num_attention_heads": 4, "vision_use_head": False,
+        },
+        text_config={
+            "model_type": "qwen2", "vocab_size": vocab_size, "hidden_size": hidden, "intermediate_size": 2 * hidden,
+            "num_hidden_layers": text_layers, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 1024, "bos_token_id": None, "eos_token_id": None,
+        },
+        image_token_index=image_token_id,
+        video_token_index=video_token_id,
+        image_grid_pinpoints=[[side, side], [side, 2 * side], [2 * side, side], [2 * side, 2 * side]],
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        vision_aspect_ratio="anyres_max_9",
     )

@@ -4,7 +4,8 @@ NP-Edit back-propagates the judge's yes/no loss into the editor, so the pixels a
 produces must reach the VLM through torch operations only: clamp, resize, normalise and
 (for Qwen-VL) the patch layout, never PIL. The functions here reproduce what the model's own
 image processor does (``CLIPImageProcessor`` for the LLaVA family, ``Qwen2VLImageProcessor``
-for Qwen2-VL and Qwen2.5-VL) on float tensors and keep the autograd graph intact.
+for Qwen2-VL and Qwen2.5-VL, ``LlavaOnevisionImageProcessor`` with its anyres tiles for
+LLaVA-OneVision) on float tensors and keep the autograd graph intact.
 
 Input convention: images are float tensors ``(B, 3, H, W)`` in ``[-1, 1]`` (the project's
 convention) unless ``input_range=(0.0, 1.0)`` is passed. Values outside the range are clamped,
@@ -14,17 +15,22 @@ Where torch and PIL differ: PIL resizes uint8 images with a bicubic kernel (a = 
 widens with the downscale factor; ``torch.nn.functional.interpolate(mode="bicubic",
 antialias=True)`` implements the same kernel (equal to 1e-4 grey levels on float images). The
 remaining gap is PIL's rounding to uint8 after each of its two passes: at most about one grey
-level, i.e. ~0.015 in normalised units for CLIP's standard deviations. PIL's LANCZOS has no
+level, i.e. ~0.015 in normalised units for CLIP's standard deviations. Pillow 13 does not
+always run its horizontal pass first, as this module does; where it runs the vertical one
+first, the clipped overshoot at a sharp edge squashed by different factors along the two axes
+(e.g. 100 x 64 -> 32 x 32) can differ by ~4 grey levels on a few pixels. PIL's LANCZOS has no
 torch counterpart; it is approximated by antialiased bicubic.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers.image_processing_utils import select_best_resolution
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 # PIL resampling filter ids (PIL.Image.Resampling) -> torch interpolation modes.
@@ -257,3 +263,122 @@ class QwenVLPreprocess:
         pixel_values = patches.reshape(batch * grid_h * grid_w, channels * temporal * patch * patch)
         grid_thw = torch.tensor([[1, grid_h, grid_w]] * batch, dtype=torch.long, device=unit.device)
         return pixel_values, grid_thw
+
+
+@dataclass(frozen=True)
+class OneVisionPreprocess:
+    """``LlavaOnevisionImageProcessor`` in torch: anyres tiles, or one padded view per image.
+
+    With ``tiles=True`` (what the processor does for a prompt holding one image) the image is
+    fitted into the best ``grid_pinpoints`` resolution (``select_best_resolution``; aspect kept,
+    centred on black), cut into ``side x side`` tiles row by row, and preceded by the whole image
+    resized to ``side x side`` (the base view). With ``tiles=False`` (each image of a multi-image
+    prompt) it is padded to a square of the mean colour and resized to ``side x side``.
+    Output: ``pixel_values`` ``(B, 1 + tiles, 3, side, side)`` float32 and ``image_sizes``
+    ``(B, 2)``, the input's ``(H, W)``, which the model needs to crop the padding off the tiles.
+    """
+
+    side: int
+    grid_pinpoints: tuple[tuple[int, int], ...]
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    mode: str = "bicubic"
+
+    @classmethod
+    def from_image_processor(cls, processor: Any) -> "OneVisionPreprocess":
+        _check_rescale(processor)
+        size = processor.size
+        height, width = _size_field(size, "height"), _size_field(size, "width")
+        shortest = _size_field(size, "shortest_edge")
+        side = height if height is not None and height == width else shortest
+        if side is None or (height is not None and height != width):
+            raise ValueError(
+                f"{type(processor).__name__}.size={dict(size)} is not square; LLaVA-OneVision tiles are "
+                "square: give {'height': N, 'width': N} or {'shortest_edge': N}."
+            )
+        if getattr(processor, "do_center_crop", False) or not getattr(processor, "do_resize", True):
+            raise ValueError(
+                f"{type(processor).__name__} has do_center_crop={processor.do_center_crop}, "
+                f"do_resize={processor.do_resize}; the torch preprocessing follows the released processors "
+                "(resize on, no crop): build it with do_center_crop=None, do_resize=True."
+            )
+        if not getattr(processor, "do_normalize", True):
+            raise ValueError(f"{type(processor).__name__}.do_normalize=False is not supported; set it to True.")
+        pinpoints = tuple((int(h), int(w)) for h, w in processor.image_grid_pinpoints)
+        if not pinpoints or any(h % side or w % side for h, w in pinpoints):
+            # The model counts ceil(h / side) * ceil(w / side) tiles; a partial tile would be stretched.
+            raise ValueError(
+                f"{type(processor).__name__}.image_grid_pinpoints={list(map(list, pinpoints))} must be a "
+                f"non-empty list of (height, width) multiples of the tile side {side}."
+            )
+        return cls(
+            side=int(side),
+            grid_pinpoints=pinpoints,
+            image_mean=tuple(processor.image_mean),
+            image_std=tuple(processor.image_std),
+            mode=_torch_mode(processor.resample),
+        )
+
+    def tile_grid(self, height: int, width: int) -> tuple[int, int]:
+        """Rows and columns of tiles for an image of ``height x width`` (the base view not counted)."""
+        best_h, best_w = select_best_resolution((height, width), [list(p) for p in self.grid_pinpoints])
+        return best_h // self.side, best_w // self.side
+
+    def tokens_per_image(
+        self, height: int, width: int, features_per_side: int, max_tiles: int, tiles: bool = True
+    ) -> int:
+        """Image tokens the language model sees for one image, as ``LlavaOnevisionModel`` packs them.
+
+        ``features_per_side``: the vision tower's patch grid side (``image_size // patch_size``, all
+        patches kept: SigLIP has no CLS token); ``max_tiles``: N of the config's ``anyres_max_N``.
+        Base view: ``g * g``; tiles: the ``(rows * g) x (cols * g)`` feature map with the padding
+        rows or columns removed, shrunk (bilinear) when larger than ``max_tiles`` tiles, plus one
+        newline token per row. Without tiles: ``g * g`` and one newline token.
+        """
+        g = features_per_side
+        if not tiles:
+            return g * g + 1
+        rows, cols = self.tile_grid(height, width)
+        cur_h, cur_w = rows * g, cols * g
+        # unpad_image: the same rounding as the model, so the counts agree to the token.
+        if width / height > cur_w / cur_h:
+            cur_h -= 2 * ((cur_h - int(round(height * (cur_w / width), 7))) // 2)
+        else:
+            cur_w -= 2 * ((cur_w - int(round(width * (cur_h / height), 7))) // 2)
+        ratio = math.sqrt(cur_h * cur_w / (max_tiles * g * g))
+        if ratio > 1.1:
+            cur_h, cur_w = int(cur_h // ratio), int(cur_w // ratio)
+        return g * g + cur_h * (cur_w + 1)
+
+    def __call__(
+        self, images: torch.Tensor, input_range: tuple[float, float] = (-1.0, 1.0), tiles: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        unit = to_unit_range(images, input_range)
+        batch, channels, height, width = unit.shape
+        side = self.side
+        if tiles:
+            rows, cols = self.tile_grid(height, width)
+            fit_h, fit_w = _fitted_hw(height, width, rows * side, cols * side)
+            fitted = _resize(unit, fit_h, fit_w, self.mode)
+            # The processor pads the resized uint8 image with 0 (black) before normalising.
+            top, left = (rows * side - fit_h) // 2, (cols * side - fit_w) // 2
+            fitted = F.pad(fitted, (left, cols * side - fit_w - left, top, rows * side - fit_h - top))
+            # divide_to_patches: tiles row by row, left to right.
+            tiled = fitted.reshape(batch, channels, rows, side, cols, side).permute(0, 2, 4, 1, 3, 5)
+            base = _resize(unit, side, side, self.mode)
+            views = torch.cat([base[:, None], tiled.reshape(batch, rows * cols, channels, side, side)], dim=1)
+        else:
+            square = _pad_to_square(unit, [int(m * 255) / 255 for m in self.image_mean])
+            views = _resize(square, side, side, self.mode)[:, None]
+        pixel_values = _normalise(views.flatten(0, 1), self.image_mean, self.image_std).view_as(views)
+        image_sizes = torch.tensor([[height, width]] * batch, dtype=torch.long, device=unit.device)
+        return pixel_values, image_sizes
+
+
+def _fitted_hw(height: int, width: int, target_h: int, target_w: int) -> tuple[int, int]:
+    """``image_processing_utils.get_patch_output_size``: the largest size with the image's aspect
+    ratio inside the target (the long side rounded up, capped at the target)."""
+    scale_w, scale_h = target_w / width, target_h / height
+    if scale_w < scale_h:
+        return min(math.ceil(height * scale_w), target_h), target_w
+    return target_h, min(math.ceil(width * scale_h), target_w)

@@ -348,7 +348,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from nb_edit.methods.export import export_checkpoint  # lazy: torch, diffusers and peft; `run` and `report` need none
+    from nb_edit.methods.export import export_checkpoint  # lazy: torch, diffusers, peft
 
     print(export_checkpoint(args.checkpoint, args.to, adapter_name=args.adapter, use_ema=args.ema))
     return 0

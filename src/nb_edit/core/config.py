@@ -8,9 +8,17 @@ Profiles (``RunSettings.profile``):
   in seconds. ``make test`` asks for it by setting ``NB_EDIT_SMOKE=1`` for the nbval kernels; a
   notebook still says ``profile = "tiny"`` and :func:`resolve_profile` swaps in ``smoke``.
 
-Only sizes, model ids and data paths change between profiles, never the logic. A stage
-config declares its per-profile values in ``PROFILES`` and is built with
-``MyConfig.for_profile("tiny", steps=10)``; the final config is written next to the outputs.
+Only sizes, model ids, data paths and how the models are held (dtype, quantisation, mixed
+precision) change between profiles, never the logic. A stage config declares its per-profile
+values in ``PROFILES`` and is built with ``MyConfig.for_profile("tiny", steps=10)``; the final
+config is written next to the outputs. An override of ``None``, or of ``""`` for a model id
+(a setting named ``*_id``), means "the profile's value": a notebook's ``editor_id=""`` is
+InstructPix2Pix in the full profile and the shipped stand-in in the tiny one.
+
+The three methods' configs derive from :class:`TrainingConfig`, which adds how their models
+are held: ``dtype`` of the frozen bases, their bitsandbytes ``quantization``, the loop's
+``mixed_precision`` and ``gradient_checkpointing``; ``nb_edit.core.runtime`` resolves them
+for the device (what falls back on CPU and what refuses, see its docstring).
 
 Settings that come from outside the code (``python -m nb_edit train --set steps=50``) go through
 :func:`parse_overrides` first, which checks each one against the config's own fields and types
@@ -62,13 +70,20 @@ class StageConfig:
     # setting only has to be >= 0 (0 is meaningful there: no warm-up, full fine-tuning, no curve)
     POSITIVE: ClassVar[tuple[str, ...]] = ("steps", "batch_size", "sampling_steps", "checkpoint_every",
                                            "n_turns", "group_size", "groups_per_step", "updates_per_rollout",
-                                           "heads")
+                                           "heads", "gradient_accumulation_steps")
+    # Settings added after runs were trained and cached, with the value every earlier run had:
+    # identity() leaves them out at that value, so earlier runs keep their cache folders and
+    # their checkpoints still resume (a new field would otherwise read as a changed config).
+    ADDED_LATER: ClassVar[dict[str, Any]] = {}
 
     @classmethod
     def for_profile(cls: type[T], profile: str = "tiny", **overrides: Any) -> T:
         name = resolve_profile(profile)
         values = dict(cls.PROFILES.get(name, {}))
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        # None, and "" for a model id, mean "the profile's value" (module docstring): a notebook's
+        # empty editor_id must not swap the full profile's hub model for the tiny stand-in
+        values.update({k: v for k, v in overrides.items()
+                       if v is not None and not (v == "" and is_model_id(k))})
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise TypeError(
@@ -83,6 +98,12 @@ class StageConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def identity(self) -> dict[str, Any]:
+        """What names this run (cache keys, checkpoint configs): ``to_dict()`` without the
+        :attr:`ADDED_LATER` settings that hold the value runs had before the setting existed."""
+        return {k: v for k, v in self.to_dict().items()
+                if not (k in self.ADDED_LATER and v == self.ADDED_LATER[k])}
+
     @classmethod
     def from_dict(cls: type[T], data: dict[str, Any]) -> T:
         names = {f.name for f in dataclasses.fields(cls)}
@@ -90,6 +111,42 @@ class StageConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+MODEL_ID_SUFFIX = "_id"  # a setting named like this holds a model folder or hub id
+
+
+def is_model_id(name: str) -> bool:
+    """Whether setting ``name`` names a model (``teacher_id``, ``judge_id``, ``editor_id``...)."""
+    return name.endswith(MODEL_ID_SUFFIX)
+
+
+DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
+QUANTIZATION_CHOICES = (None, "nf4", "int8")
+MIXED_PRECISION_CHOICES = ("no", "bf16", "fp16")
+
+
+@dataclasses.dataclass
+class TrainingConfig(StageConfig):
+    """Base of the methods' stage configs (NP-Edit, Multi-Reward, MT-EditFlow): how their models
+    are held and run; ``nb_edit.core.runtime.placement`` resolves it for the accelerator's device.
+    """
+
+    dtype: str = "auto"  # frozen bases: "auto" (bf16 on CUDA, fp32 on CPU) | "fp32" | "bf16" | "fp16"
+    # bitsandbytes for the frozen editor/teacher base and the judge: None | "nf4" | "int8" (CUDA only)
+    quantization: str | None = None
+    gradient_checkpointing: bool = False  # on the editor's backbone: recompute activations in backward
+    mixed_precision: str = "no"  # the loop's autocast: "no" | "bf16" | "fp16" (fp32 on CPU, with a warning)
+
+    ADDED_LATER: ClassVar[dict[str, Any]] = {"dtype": "auto", "quantization": None}
+
+    def __post_init__(self):
+        name = type(self).__name__
+        for field, choices in (("dtype", DTYPE_CHOICES), ("quantization", QUANTIZATION_CHOICES),
+                               ("mixed_precision", MIXED_PRECISION_CHOICES)):
+            if getattr(self, field) not in choices:
+                raise BadInputError(f"{name}.{field}={getattr(self, field)!r}", f"unknown {field}",
+                                    f"use one of {', '.join('null' if c is None else c for c in choices)}")
 
 
 THREADS_ENV = "NB_EDIT_THREADS"

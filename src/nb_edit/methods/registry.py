@@ -11,7 +11,9 @@ run finished, and :meth:`TrainedRun.load` loads a finished run and refuses any o
 evaluating never trains.
 
 A notebook's ``steps`` parameter of 0 means the profile's default, which lives with the stage's
-configuration (``PROFILES``).
+configuration (``PROFILES``); so does an empty model id (``teacher_id=""``, ``editor_id=""``...):
+the shipped stand-in in the tiny profile, the hub model in the full one (``StageConfig.for_profile``).
+The trainers build every model on the accelerator's device (``core.runtime``).
 """
 
 from __future__ import annotations
@@ -95,8 +97,10 @@ class TrainedRun:
 
 def run_dir(stage: str, cfg, data_folder) -> Path:
     """The folder a run trains into: the one cache key of a trained run (its stage, its
-    configuration, the data it trained on, the shipped stand-ins)."""
-    return cache.checkpoint_dir(stage, {**cfg.to_dict(), "data": str(data_folder)})
+    configuration, the data it trained on, the shipped stand-ins). The configuration is its
+    ``identity()``: settings added later count only away from their old value, so runs trained
+    before they existed are found again."""
+    return cache.checkpoint_dir(stage, {**cfg.identity(), "data": str(data_folder)})
 
 
 def _variant_names(wanted: str | Sequence[str], known: Sequence[str], stage: str) -> list[str]:

@@ -2,22 +2,41 @@
 
 A stage supplies ``step_fn(batch, step) -> {"loss": tensor, ...}``; the loop does the rest:
 backward, gradient clipping, the optimizer and LR-scheduler steps, the EMA update, a guard
-against NaN/Inf, mixed precision on GPUs, progress, logging, checkpoints, and resuming from the
-newest checkpoint so that an interrupted run continues bit-for-bit where it stopped (on CPU).
-Resuming skips a corrupt checkpoint for the newest intact one, and refuses a checkpoint made
-with another stage configuration (``run_config``) unless ``allow_config_change=True``; see
+against NaN/Inf, progress, logging, checkpoints, and resuming from the newest checkpoint so that
+an interrupted run continues bit-for-bit where it stopped (on CPU). Resuming skips a corrupt
+checkpoint for the newest intact one, and refuses a checkpoint made with another stage
+configuration (``run_config``) unless ``allow_config_change=True``; see
 :mod:`nb_edit.training.checkpoint` for what may change between a run and its resume.
+
+``accelerate`` owns the device, the mixed precision and the processes: each run makes one
+``Accelerator`` (:func:`make_accelerator`) on the process's device (``core.runtime``: CUDA when
+present, else CPU). The loop moves the modules and the batch there (a trainer builds its modules
+there in the first place), runs ``step_fn`` under ``accelerator.autocast()``, back-propagates
+with ``accelerator.backward`` (fp16 loss scaling with accelerate's scaler; the loss divided by
+the gradient-accumulation steps) and clips with ``accelerator.clip_grad_norm_``.
+``LoopConfig.mixed_precision`` other than "no" needs CUDA here; the stage configs resolve theirs
+first (fp32 on CPU with a warning, ``core.runtime.resolve_mixed_precision``).
+
+Gradient accumulation (``gradient_accumulation_steps=k``): one optimizer step runs ``step_fn``
+on k micro-batches, ``batch_fn`` and ``step_fn`` seeing micro-batch indices ``step * k + i``
+(with k = 1, the default, the index is the step); the history keeps one record per optimizer
+step with each value averaged over its micro-batches.
 
 Auxiliary models updated several times per step (NP-Edit's fake score, DMD2 section 4.1) run
 their inner updates inside ``step_fn`` on ``aux_optimizers``, which the loop only checkpoints.
 
-Data parallelism (``accelerate launch --num_processes N`` or ``torchrun``, after
-``torch.distributed.init_process_group``): every process runs the same loop on its own shard of
-the batch; the loop averages the gradients over the processes before clipping (and before every
-step of an auxiliary optimizer), so all processes take the same update, as one process would on
-the whole batch. Only process 0 writes checkpoints and shows progress (its history logs its own
-shard's loss); all of them resume from the same checkpoint, with process 0's RNG state, so draw
-per-sample randomness from generators seeded by step and sample when runs must match exactly.
+Data parallelism (``accelerate launch --num_processes N`` or ``torchrun``): every process runs
+the same loop on its own shard of the batch, and the gradients are averaged over the processes
+with accelerate's ``reduce`` before clipping (and before every step of an auxiliary optimizer),
+so all processes take the same update, as one process would on the whole batch. The models are
+not wrapped in ``DistributedDataParallel``: the stages call them several times per step (the
+unrolled generator, teacher and fake score as LoRA adapters of one base, inner updates of an
+auxiliary model, rollouts), outside any wrapper and with ``autograd.grad`` in between, which
+DDP's one-forward-one-backward contract does not allow; one averaging of the gradients after
+backward computes what DDP would. Only process 0 writes checkpoints and shows progress (its
+history logs its own shard's loss); all of them resume from the same checkpoint, with process
+0's RNG state, so draw per-sample randomness from generators seeded by step and sample when runs
+must match exactly.
 """
 
 from __future__ import annotations
@@ -26,15 +45,20 @@ import json
 import logging
 import math
 import time
-from contextlib import contextmanager, nullcontext
+import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import reduce, send_to_device
 from tqdm.auto import tqdm
 
-from nb_edit.core.runtime import set_seed
+from nb_edit.core.runtime import is_quantized, process_state, same_device, set_seed
+from nb_edit.core.validation import BadInputError
 from nb_edit.training.checkpoint import latest_checkpoint, load_latest_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -68,7 +92,8 @@ class LoopConfig:
     checkpoint_every: int = 100
     keep_last: int = 2
     max_nonfinite: int = 5  # this many NaN/Inf steps in a row stop the run
-    mixed_precision: str = "no"  # "no" | "bf16" | "fp16" (GPU only, autocast)
+    mixed_precision: str = "no"  # "no" | "bf16" | "fp16": accelerate's autocast (CUDA only, see the docstring)
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (module docstring)
     seed: int = 0
 
     def __post_init__(self):
@@ -79,6 +104,7 @@ class LoopConfig:
                   "decay_steps": 0 <= self.decay_steps <= self.steps,
                   "steps": self.steps >= 0, "lr": self.lr > 0, "checkpoint_every": self.checkpoint_every > 0,
                   "max_nonfinite": self.max_nonfinite > 0, "warmup_steps": self.warmup_steps >= 0,
+                  "gradient_accumulation_steps": self.gradient_accumulation_steps >= 1,
                   "ema_decay": self.ema_decay is None or 0.0 < self.ema_decay < 1.0,
                   "grad_clip": self.grad_clip is None or self.grad_clip > 0}
         for name, good in checks.items():
@@ -88,32 +114,49 @@ class LoopConfig:
                                  "no|bf16|fp16, schedule constant|cosine|wsd, decay_steps within steps, positive sizes, ema_decay in (0, 1))")
 
 
-def _world_size() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: int = 1) -> Accelerator:
+    """A fresh ``Accelerator`` for one training run, on the process's device (``core.runtime``).
+
+    Fresh, so that its fp16 loss scaler starts anew with each run (and resumes from the run's
+    checkpoint). accelerate keeps one mixed-precision setting per process; a run asking for
+    another one than the previous run of the process (a notebook kernel that trains a tiny stage
+    after a bf16 one) starts that setting over with accelerate's own reset, which keeps the
+    process group and the device.
+    """
+    state = process_state()
+    current = AcceleratorState._shared_state.get("_mixed_precision")
+    if current is not None and current != mixed_precision:
+        AcceleratorState._reset_state()  # reset_partial_state=False: the processes and device stay
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=state.device.type == "cpu",
+                              gradient_accumulation_steps=gradient_accumulation_steps)
+    # the run's config decides, also over accelerate launch's --gradient_accumulation_steps: it
+    # is what the checkpoints record and what the data positions count
+    accelerator.gradient_accumulation_steps = gradient_accumulation_steps
+    return accelerator
 
 
 def is_main_process() -> bool:
     """True unless this is a process other than 0 of a distributed run."""
-    return _world_size() == 1 or torch.distributed.get_rank() == 0
+    return process_state().is_main_process
 
 
-def all_reduce_gradients(params) -> None:
+def average_gradients(params) -> None:
     """Average ``.grad`` over the processes of a distributed run (a no-op in one process).
 
     Each process computed the gradient of the mean loss on its shard; with equal shards their
     average is the gradient of the mean loss on the whole batch. A parameter that got no
-    gradient in some processes counts as zero there; one with none anywhere keeps ``None``.
+    gradient in some processes counts as zero there; one with none anywhere keeps ``None``
+    (so AdamW leaves it alone, as in one process).
     """
-    world = _world_size()
-    if world == 1:
+    state = process_state()
+    if state.num_processes == 1:
         return
     params = list(params)
     if not params:
         return
     # on the parameters' device: NCCL (GPU runs) reduces CUDA tensors only
     has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
-    torch.distributed.all_reduce(has_grad)  # every process must send the same tensors
+    has_grad = reduce(has_grad, "sum")  # every process must send the same tensors
     buckets: dict[tuple, list[torch.Tensor]] = {}
     for p, anywhere in zip(params, has_grad.tolist()):
         if anywhere:
@@ -121,8 +164,7 @@ def all_reduce_gradients(params) -> None:
                 p.grad = torch.zeros_like(p)
             buckets.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
     for grads in buckets.values():  # one collective per device and dtype, not one per tensor
-        flat = torch.cat([g.reshape(-1) for g in grads]) / world
-        torch.distributed.all_reduce(flat)
+        flat = reduce(torch.cat([g.reshape(-1) for g in grads]), "mean")
         for grad, part in zip(grads, flat.split([g.numel() for g in grads])):
             grad.copy_(part.view_as(grad))
 
@@ -131,24 +173,58 @@ def _average_before_step(optimizer: torch.optim.Optimizer) -> None:
     """Make an auxiliary optimizer average its gradients over the processes before each step."""
     if not getattr(optimizer, "_nb_edit_averages_gradients", False):  # once, even when train() is re-entered
         optimizer.register_step_pre_hook(
-            lambda opt, args, kwargs: all_reduce_gradients(p for g in opt.param_groups for p in g["params"]))
+            lambda opt, args, kwargs: average_gradients(p for g in opt.param_groups for p in g["params"]))
         optimizer._nb_edit_averages_gradients = True
 
 
 def _all_processes(flag: bool, device: torch.device) -> bool:
     """``flag`` and-ed over the processes, so that all of them skip (or take) a step together."""
-    if _world_size() == 1:
+    if process_state().num_processes == 1:
         return flag
-    value = torch.tensor([int(flag)], device=device)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
-    return bool(value.item())
+    return int(reduce(torch.tensor([int(not flag)], device=device), "sum").item()) == 0
+
+
+def place_modules(modules: dict[str, torch.nn.Module], device: torch.device) -> None:
+    """Device placement: modules with a weight elsewhere are moved to ``device``. A quantised
+    module cannot move (bitsandbytes places its weights at load time): load it there instead."""
+    for name, module in modules.items():
+        tensors = [*module.parameters(), *module.buffers()]
+        elsewhere = sorted({str(t.device) for t in tensors if not same_device(t.device, device)})
+        if not elsewhere:
+            continue
+        if is_quantized(module):
+            raise BadInputError(f"train(modules={{{name!r}: ...}})", f"the quantised module is on {', '.join(elsewhere)} "
+                                f"but the accelerator's device is {device}",
+                                f"load it with device={str(device)!r} (the trainers do, with device=None)")
+        module.to(device)
+
+
+def check_training_device(device: torch.device, who: str) -> None:
+    """Refuse to train a stage whose modules were built on another device than the accelerator's
+    (the loop would move the trained module but not the stage's judge or text encoder)."""
+    accelerator_device = process_state().device
+    if not same_device(device, accelerator_device):
+        raise BadInputError(f"{who}(device={str(device)!r})", f"training runs on the accelerator's device "
+                            f"{accelerator_device}", "build it with device=None (the accelerator's device)")
+
+
+def enable_gradient_checkpointing(editor: torch.nn.Module, field: str = "gradient_checkpointing") -> bool:
+    """Turn on activation recomputation in ``editor``'s backbone (diffusers models have it);
+    warn naming ``field`` and go on without it where the backbone has none."""
+    backbone = getattr(editor, "backbone", editor)
+    if getattr(backbone, "_supports_gradient_checkpointing", False) and hasattr(editor, "enable_gradient_checkpointing"):
+        editor.enable_gradient_checkpointing()
+        return True
+    warnings.warn(f"{field}=True but {type(backbone).__name__} has no gradient checkpointing; training without it "
+                  "(more activation memory)", UserWarning, stacklevel=2)
+    return False
 
 
 def make_optimizer(params, config: LoopConfig) -> torch.optim.Optimizer:
     """AdamW from bitsandbytes (8-bit states for tensors of >= 4096 elements) or from torch."""
     kwargs = dict(lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
     if config.optimizer == "adamw8bit":
-        import bitsandbytes  # slow to import, so only when asked for
+        import bitsandbytes  # lazy: slow to import, and only the 8-bit optimizer needs it
 
         return bitsandbytes.optim.AdamW8bit(params, **kwargs)
     return torch.optim.AdamW(params, **kwargs)
@@ -161,7 +237,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: LoopConfig) -> torc
     stage can be lengthened and annealed by resuming its last checkpoint."""
     warmup = config.warmup_steps
     if config.schedule == "cosine":
-        from diffusers.optimization import get_cosine_schedule_with_warmup
+        from diffusers.optimization import get_cosine_schedule_with_warmup  # lazy: diffusers is slow to import
 
         return get_cosine_schedule_with_warmup(optimizer, warmup, max(config.steps, warmup + 1))
     decay_from = config.steps - config.decay_steps if config.schedule == "wsd" else None
@@ -228,6 +304,14 @@ def _as_float(value) -> float:
     return float(value.detach().float().mean()) if isinstance(value, torch.Tensor) else float(value)
 
 
+def _mean_records(records: list[dict[str, float]]) -> dict[str, float]:
+    """Each value averaged over the micro-batches that logged it (one record: itself)."""
+    if len(records) == 1:
+        return dict(records[0])
+    keys = dict.fromkeys(k for r in records for k in r)
+    return {k: math.fsum(r[k] for r in records if k in r) / sum(k in r for r in records) for k in keys}
+
+
 def train(step_fn: StepFn, modules: dict[str, torch.nn.Module], *, config: LoopConfig,
           ckpt_dir: str | Path, batch_fn, optimizers: dict[str, torch.optim.Optimizer] | None = None,
           aux_optimizers: dict[str, torch.optim.Optimizer] | None = None,
@@ -236,10 +320,12 @@ def train(step_fn: StepFn, modules: dict[str, torch.nn.Module], *, config: LoopC
           allow_config_change: bool = False) -> History:
     """Run ``config.steps`` steps of ``step_fn`` and return the full history (resumed runs included).
 
-    ``batch_fn`` is ``batch_fn(step) -> batch`` (the data position is the step) or an iterator
-    with ``state_dict()``/``load_state_dict()`` (its state is checkpointed). Without
-    ``optimizers`` one optimizer (``make_optimizer``) takes every trainable parameter of
-    ``modules``. The loop sets no train/eval mode: the stage owns that.
+    ``batch_fn`` is ``batch_fn(step) -> batch`` (the data position is the step, or the
+    micro-batch index with gradient accumulation) or an iterator with
+    ``state_dict()``/``load_state_dict()`` (its state is checkpointed). Batches (tensors, and
+    lists, tuples and dicts of them) are moved to the accelerator's device, and so are the
+    ``modules``. Without ``optimizers`` one optimizer (``make_optimizer``) takes every trainable
+    parameter of ``modules``. The loop sets no train/eval mode: the stage owns that.
 
     ``run_config`` is the stage's configuration: saved with every checkpoint, and compared with
     the one a resumed checkpoint was made with; a change other than the stage's length, cadence
@@ -249,10 +335,13 @@ def train(step_fn: StepFn, modules: dict[str, torch.nn.Module], *, config: LoopC
     cfg, ckpt_dir = config, Path(ckpt_dir)
     if not modules:
         raise ValueError("train(modules={}): no module to train; pass e.g. {'editor': editor}")
-    device = next((p.device for m in modules.values() for p in m.parameters()), torch.device("cpu"))
+    device = process_state().device  # the accelerator's device
     if cfg.mixed_precision != "no" and device.type != "cuda":
-        raise ValueError(f"LoopConfig.mixed_precision={cfg.mixed_precision!r} needs a CUDA device but the "
-                         f"modules are on {device}; use mixed_precision='no' on CPU")
+        raise BadInputError(f"LoopConfig.mixed_precision={cfg.mixed_precision!r}",
+                            f"it needs a CUDA device but the accelerator's device is {device}",
+                            "use mixed_precision='no' on CPU (the stage configs fall back to it by themselves)")
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation_steps)
+    place_modules(modules, device)
     set_seed(cfg.seed)
     if optimizers is None:
         trainable = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
@@ -269,10 +358,9 @@ def train(step_fn: StepFn, modules: dict[str, torch.nn.Module], *, config: LoopC
     if cfg.ema_decay is not None:
         ema = EMA({m: {n: p for n, p in mod.named_parameters() if id(p) in optimized}
                    for m, mod in modules.items()}, cfg.ema_decay)
-    scaler = torch.amp.GradScaler("cuda") if cfg.mixed_precision == "fp16" else None
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float16)
-                if cfg.mixed_precision != "no" else nullcontext())
+    scaler = accelerator.scaler  # fp16 only: accelerate's GradScaler, None otherwise
     sampler = batch_fn if hasattr(batch_fn, "state_dict") else None
+    micro_steps = cfg.gradient_accumulation_steps
 
     history, start, nonfinite_total, streak = History(), 0, 0, 0
     last_good = latest_checkpoint(ckpt_dir)
@@ -281,7 +369,7 @@ def train(step_fn: StepFn, modules: dict[str, torch.nn.Module], *, config: LoopC
                               "pass resume=True to continue that run, or another ckpt_dir to start over")
     # only process 0 renames corrupt checkpoints, so the others never race it
     found = (load_latest_checkpoint(ckpt_dir, modules, stage_config=run_config, allow_config_change=allow_config_change,
-                                    set_aside=is_main_process()) if last_good is not None else None)
+                                    set_aside=accelerator.is_main_process) if last_good is not None else None)
     last_good = found[0] if found is not None else None
     if found is not None:
         state = found[1]
@@ -312,8 +400,8 @@ def train(step_fn: StepFn, modules: dict[str, torch.nn.Module], *, config: LoopC
         log.info("resumed from %s (step %d)", last_good, start)
 
     def checkpoint(completed: int) -> Path:
-        if not is_main_process():  # process 0 writes; the others wait for it, then see the same folder
-            torch.distributed.barrier()
+        if not accelerator.is_main_process:  # process 0 writes; the others wait for it, then see the same folder
+            accelerator.wait_for_everyone()
             return latest_checkpoint(ckpt_dir)
         state = {"optimizers": {n: o.state_dict() for n, o in optimizers.items()},
                  "aux_optimizers": {n: o.state_dict() for n, o in aux_optimizers.items()},
@@ -324,34 +412,42 @@ def train(step_fn: StepFn, modules: dict[str, torch.nn.Module], *, config: LoopC
         path = save_checkpoint(ckpt_dir, completed, modules=modules, state=state,
                                ema=ema.shadow if ema is not None else None, keep_last=cfg.keep_last,
                                config={"loop": asdict(cfg), "run": run_config}, stage_config=run_config)
-        if _world_size() > 1:
-            torch.distributed.barrier()
+        accelerator.wait_for_everyone()  # a no-op in one process
         return path
 
-    bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not progress or not is_main_process(),
-               dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=start, desc="train",
+               disable=not progress or not accelerator.is_main_process, dynamic_ncols=True)
     for step in range(start, cfg.steps):
         tick = time.perf_counter()
-        batch = next(sampler) if sampler is not None else batch_fn(step)
         for opt in optimizers.values():
             opt.zero_grad(set_to_none=True)
-        with autocast:
-            out = step_fn(batch, step)
-        if not isinstance(out, dict) or not isinstance(out.get("loss"), torch.Tensor) or out["loss"].numel() != 1:
-            raise TypeError(f"step_fn returned {type(out).__name__} at step {step}; it must return a dict "
-                            "with a scalar tensor under 'loss' (and other values to log)")
-        loss = out["loss"]
-        record = {"step": float(step), **{k: _as_float(v) for k, v in out.items()}}
-        finite = _all_processes(bool(torch.isfinite(loss.detach())), loss.device)
+        micro_records: list[dict[str, float]] = []
+        loss_finite = True
+        for micro in range(micro_steps):
+            index = step * micro_steps + micro  # the data position: the step itself without accumulation
+            batch = send_to_device(next(sampler) if sampler is not None else batch_fn(index), device)
+            with accelerator.autocast():
+                out = step_fn(batch, index)
+            if (not isinstance(out, dict) or not isinstance(out.get("loss"), torch.Tensor)
+                    or out["loss"].numel() != 1):
+                raise TypeError(f"step_fn returned {type(out).__name__} at step {index}; it must return a dict "
+                                "with a scalar tensor under 'loss' (and other values to log)")
+            loss = out["loss"]
+            micro_records.append({k: _as_float(v) for k, v in out.items()})
+            this_finite = _all_processes(bool(torch.isfinite(loss.detach())), device)
+            if loss_finite and this_finite:  # after a non-finite loss the step is skipped anyway
+                accelerator.backward(loss)  # / micro_steps; scaled when fp16
+            loss_finite = loss_finite and this_finite
+        record = {"step": float(step), **_mean_records(micro_records)}
+        finite = loss_finite
         overflow_only = unscaled = False
         if finite:
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-            all_reduce_gradients(params)  # data parallelism: the gradient of the whole batch
-            for opt in optimizers.values() if scaler is not None else ():
-                scaler.unscale_(opt)
+            average_gradients(params)  # data parallelism: the gradient of the whole batch
+            if scaler is not None:
+                accelerator.unscale_gradients(list(optimizers.values()))
                 unscaled = True
             if cfg.grad_clip is not None:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                grad_norm = accelerator.clip_grad_norm_(params, cfg.grad_clip)
             else:
                 grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
             record["grad_norm"] = float(grad_norm)
@@ -372,7 +468,7 @@ def train(step_fn: StepFn, modules: dict[str, torch.nn.Module], *, config: LoopC
             nonfinite_total += 1
             streak += 0 if overflow_only else 1
             what = ("fp16 gradient overflow (GradScaler lowers its scale)" if overflow_only
-                    else "non-finite " + ("gradient" if torch.isfinite(loss.detach()) else "loss"))
+                    else "non-finite " + ("gradient" if loss_finite else "loss"))
             log.warning("step %d: %s, step skipped (%d in a row, %d in all)", step, what, streak, nonfinite_total)
         if unscaled:  # GradScaler.update needs the inf checks that unscale_ records
             scaler.update()

@@ -30,6 +30,12 @@ of a rollout cycle draws that cycle's rollout again with the resumed policy (and
 judge draws new answers), so only resumes on a cycle boundary continue bit-for-bit.
 Single-turn Flow-GRPO is ``n_turns=1`` on single-turn data.
 
+Placement (``core.runtime.placement``): the policy's base (= the reference policy), the text
+encoder, the autoencoder and the judge are built on the accelerator's device; the frozen parts
+in ``dtype`` ("auto": bf16 on CUDA, fp32 on CPU), the base and the judge quantised when
+``quantization`` is "nf4" or "int8" (CUDA only), the LoRA adapters in fp32. The full profile is
+FLUX.1-Kontext-dev with a Qwen2.5-VL judge, both NF4, at bf16 autocast.
+
 ``evaluate_multiturn`` scores any editor on held-out sequences the way EdiVal-Agent does: turn-k
 success (turns 1..k ALL succeeded), per-turn task success, marginal success, consistency.
 """
@@ -46,8 +52,9 @@ from torch import Tensor
 
 from nb_edit import world
 from nb_edit.core import paths
-from nb_edit.core.config import StageConfig
+from nb_edit.core.config import TrainingConfig
 from nb_edit.core.images import to_tensor, to_uint8
+from nb_edit.core.runtime import Placement, placement, to_device, trainable_in_fp32
 from nb_edit.data.sequences import sequences_from
 from nb_edit.evaluation.harness import multiturn_outcomes, multiturn_summary
 from nb_edit.flow.pipeline import Conditioning, EditPipeline
@@ -66,7 +73,13 @@ from nb_edit.models.lora import (
 from nb_edit.models.vlm.judge import VLMJudge
 from nb_edit.rewards.formulas import aggregate_turns, broadcast_advantage, fuse_rewards
 from nb_edit.rewards.multiturn import MODES, SCORINGS, MultiTurnJudgeReward, MultiTurnOracleReward
-from nb_edit.training.loop import LoopConfig, make_optimizer, train
+from nb_edit.training.loop import (
+    LoopConfig,
+    check_training_device,
+    enable_gradient_checkpointing,
+    make_optimizer,
+    train,
+)
 
 ALGORITHMS = ("grpo", "nft")
 ADVANTAGES = ("broadcast", "perturn")
@@ -77,7 +90,7 @@ POLICY, OLD = "policy", "old"  # LoRA adapter names
 
 
 @dataclasses.dataclass
-class MTRLConfig(StageConfig):
+class MTRLConfig(TrainingConfig):
     algorithm: str = "grpo"  # grpo (Flow-GRPO) | nft (DiffusionNFT)
     advantage: str = "broadcast"  # broadcast (MT-EditFlow) | perturn (the ablation)
     aggregation: str = "mean"  # turns -> one score: mean | min | product | last (broadcast only)
@@ -86,8 +99,9 @@ class MTRLConfig(StageConfig):
     reward: str = "judge"  # judge (the VLM) | oracle (a perfect judge)
     reasoning: str = "expected"  # judge reading: expected | sampled | generate
     scoring: str = "multi"  # single | multi (CC against the sequence's original source)
-    policy_id: str = ""  # "" = the shipped supervised clean-pair editor data/pretrained/clean
-    judge_id: str = ""  # "" = data/pretrained/judge
+    # "" = the profile's: the shipped supervised clean-pair editor data/pretrained/clean (tiny), FLUX.1-Kontext-dev (full)
+    policy_id: str = ""
+    judge_id: str = ""  # "" = the profile's: data/pretrained/judge (tiny), Qwen2.5-VL-7B-Instruct (full)
     backbone: str = "auto"  # "auto" (what the model folder holds) | "unet" | "dit"
     n_turns: int = 3
     group_size: int = 4  # G trajectories per sequence
@@ -107,8 +121,6 @@ class MTRLConfig(StageConfig):
     optimizer: str = "adamw8bit"
     grad_clip: float = 1.0
     ema_decay: float | None = None
-    gradient_checkpointing: bool = False
-    mixed_precision: str = "no"
     checkpoint_every: int = 50
     track_oracle: bool = True  # the oracle's success on the rollouts: the "gold" curve against hacking
     world: dict = dataclasses.field(default_factory=lambda: world.WorldConfig().to_dict())
@@ -117,12 +129,15 @@ class MTRLConfig(StageConfig):
         "tiny": {},
         "smoke": dict(steps=2, group_size=2, groups_per_step=2, sampling_steps=2, train_steps=1,
                       updates_per_rollout=1, lora_rank=2, checkpoint_every=1),
-        "full": dict(steps=1000, group_size=8, groups_per_step=4, sampling_steps=10, train_steps=2, lr=1e-5,
+        # one GPU: the 12B policy base and the 7B judge in NF4 (LoRA on the 4-bit base, as QLoRA)
+        "full": dict(policy_id="black-forest-labs/FLUX.1-Kontext-dev", judge_id="Qwen/Qwen2.5-VL-7B-Instruct",
+                     steps=1000, group_size=8, groups_per_step=4, sampling_steps=10, train_steps=2, lr=1e-5,
                      lora_rank=64, kl_weight=0.04, gradient_checkpointing=True, mixed_precision="bf16",
-                     checkpoint_every=50, track_oracle=False),
+                     quantization="nf4", checkpoint_every=50, track_oracle=False),
     }
 
     def __post_init__(self):
+        super().__post_init__()
         for name, allowed in (("algorithm", ALGORITHMS), ("advantage", ADVANTAGES), ("aggregation", AGGREGATIONS),
                               ("fusion", FUSIONS), ("reward", REWARDS), ("reasoning", MODES), ("scoring", SCORINGS)):
             if getattr(self, name) not in allowed:
@@ -290,33 +305,42 @@ def _rows(cond: Conditioning, rows: Tensor) -> Conditioning:
                         pick(cond.source_latents), pick(cond.extra_time_embedding))
 
 
-def make_reward(cfg: MTRLConfig, device: torch.device | str = "cpu"):
-    """The per-turn reward the config asks for: the judge in its reasoning mode, or the oracle."""
+def make_reward(cfg: MTRLConfig, device: torch.device | str | Placement | None = None):
+    """The per-turn reward the config asks for: the judge in its reasoning mode, or the oracle.
+
+    The judge loads on ``device`` (None: the accelerator's) in the config's dtype and quantisation."""
     if cfg.reward == "oracle":
         return MultiTurnOracleReward(cfg.world_config, cfg.scoring)
-
-    judge = VLMJudge.from_pretrained(cfg.judge_id or paths.pretrained_dir() / "judge", device=str(device)).freeze()
+    place = device if isinstance(device, Placement) else placement(cfg, device)
+    judge = VLMJudge.from_pretrained(cfg.judge_id or paths.pretrained_dir() / "judge", quantization=place.quantization,
+                                     dtype=place.dtype, device=place.device).freeze()
     return MultiTurnJudgeReward(judge, cfg.reasoning, cfg.scoring, torch.Generator().manual_seed(cfg.seed + 17))
 
 
 class MTRLTrainer:
     """The policy (LoRA on the supervised editor), the reward and the sequences; ``step`` is the loop's."""
 
-    def __init__(self, cfg: MTRLConfig, dataset, device: torch.device | None = None, reward=None):
-        self.cfg, self.device = cfg, device or torch.device("cpu")
+    def __init__(self, cfg: MTRLConfig, dataset, device: torch.device | str | None = None, reward=None):
+        """``device`` None: the accelerator's (what ``fit`` trains on)."""
+        self.cfg = cfg
+        self.placement = place = placement(cfg, device)
+        self.device = place.device
         policy_path = Path(cfg.policy_id) if cfg.policy_id else paths.pretrained_dir() / "clean"
-        self.model = load_editor(policy_path, cfg.backbone).to(self.device)  # frozen base = the reference policy
+        # frozen base = the reference policy
+        self.model = to_device(load_editor(policy_path, cfg.backbone, quantization=place.quantization,
+                                           dtype=place.dtype, device=self.device), self.device)
         attach_lora(self.model, cfg.lora_rank, adapter_name=POLICY)
         if cfg.algorithm == "nft":  # the old policy starts as an exact copy of the trained one
             attach_lora(self.model, cfg.lora_rank, adapter_name=OLD)
             load_lora_state_dict(self.model, {n.replace(f".{POLICY}.", f".{OLD}."): p
                                               for n, p in lora_state_dict(self.model, POLICY).items()})
             set_active_adapter(self.model, POLICY)
+        trainable_in_fp32(self.model)  # the adapters, made in the base's dtype
         if cfg.gradient_checkpointing:
-            self.model.enable_gradient_checkpointing()
-        self.pipe = EditPipeline(self.model, load_text_encoder(policy_path).to(self.device).requires_grad_(False),
-                                 load_autoencoder(policy_path, device=self.device), cfg.shift)
-        self.reward = reward if reward is not None else make_reward(cfg, self.device)
+            enable_gradient_checkpointing(self.model, "MTRLConfig.gradient_checkpointing")
+        self.pipe = EditPipeline(self.model, load_text_encoder(policy_path, dtype=place.dtype, device=self.device),
+                                 load_autoencoder(policy_path, dtype=place.dtype, device=self.device), cfg.shift)
+        self.reward = reward if reward is not None else make_reward(cfg, place)
         if any(r.split == "train" for r in dataset) and any(r.split != "train" for r in dataset):
             dataset = dataset.split("train")
         self.sequences = sequences_from(dataset, cfg.n_turns, cfg.world_config)
@@ -453,23 +477,25 @@ class MTRLTrainer:
 
     def fit(self, ckpt_dir: Path, progress: bool = True):
         cfg = self.cfg
+        check_training_device(self.device, "MTRLTrainer")
         loop = LoopConfig(steps=cfg.steps, lr=cfg.lr, optimizer=cfg.optimizer, grad_clip=cfg.grad_clip,
                           ema_decay=cfg.ema_decay, checkpoint_every=cfg.checkpoint_every,
-                          mixed_precision=cfg.mixed_precision, seed=cfg.seed)
+                          mixed_precision=self.placement.mixed_precision, seed=cfg.seed)
         optimizer = make_optimizer(lora_parameters(self.model, POLICY), loop)  # the old adapter is never optimised
         return train(self.step, {"editor": self.model}, config=loop, ckpt_dir=ckpt_dir, batch_fn=self.batch,
-                     optimizers={"main": optimizer}, run_config=cfg.to_dict(), progress=progress)
+                     optimizers={"main": optimizer}, run_config=cfg.identity(), progress=progress)
 
     def edit_pipeline(self) -> EditPipeline:
         set_active_adapter(self.model, POLICY)
         return self.pipe
 
 
-def train_mtrl(cfg: MTRLConfig, dataset, ckpt_dir: Path, device: torch.device | None = None, reward=None,
+def train_mtrl(cfg: MTRLConfig, dataset, ckpt_dir: Path, device: torch.device | str | None = None, reward=None,
                progress: bool = True) -> tuple[EditPipeline, Any]:
     """Train MT-EditFlow on a multi-turn dataset (its train split); returns (pipeline, history).
 
-    ``reward`` overrides the one the config names (anything with ``score_turns``).
+    ``reward`` overrides the one the config names (anything with ``score_turns``); ``device``
+    None is the accelerator's device (CUDA when present, else CPU).
     """
     torch.manual_seed(cfg.seed)
     trainer = MTRLTrainer(cfg, dataset, device, reward)

@@ -10,6 +10,13 @@ flow convention; the scores and texts of a sample are dropped together to "unkno
 probability ``condition_dropout``. Optimiser: 8-bit AdamW on the LoRA and the condition module,
 through ``loop.train`` (EMA, clipping, checkpoints and resume come from the loop).
 
+Placement (``core.runtime.placement``): the editor, the text encoder, the autoencoder and the
+condition module are built on the accelerator's device; the frozen parts in ``dtype`` ("auto":
+bf16 on CUDA, fp32 on CPU), the editor's frozen base quantised when ``quantization`` is "nf4"
+or "int8" (CUDA only; not with ``lora_rank=0``, whose editor weights all train, in fp32). The
+full profile is the paper's InstructPix2Pix at bf16 autocast, its batch of 32 as 4 micro-batches
+of ``batch_size`` 8 per optimizer step (``gradient_accumulation_steps``, ``loop.train``).
+
 Inference asks for the best: scores (5, 5, 5) and "None; None; None" in every CFG branch. The
 "low" control asks for (1, 1, 1) with the failure text of the instruction not carried out; a
 model that learned what the condition means edits worse under it (``compare_conditions``).
@@ -30,8 +37,10 @@ import torch
 
 from nb_edit import world
 from nb_edit.core import paths
-from nb_edit.core.config import StageConfig
+from nb_edit.core.config import TrainingConfig
 from nb_edit.core.images import to_tensor
+from nb_edit.core.runtime import placement, to_device, trainable_in_fp32
+from nb_edit.core.validation import BadInputError
 from nb_edit.flow.losses import flow_matching_loss
 from nb_edit.methods.multireward.condition import (
     BEST_SCORES,
@@ -51,16 +60,23 @@ from nb_edit.rewards.single_turn import (
     QUALITY_FAILURE,
     not_followed_text,
 )
-from nb_edit.training.loop import LoopConfig, make_optimizer, train
+from nb_edit.training.loop import (
+    LoopConfig,
+    check_training_device,
+    enable_gradient_checkpointing,
+    make_optimizer,
+    train,
+)
 
 VARIANTS = ("reward", "noreward")
 
 
 @dataclasses.dataclass
-class MultiRewardConfig(StageConfig):
+class MultiRewardConfig(TrainingConfig):
     variant: str = "reward"  # reward | noreward (the same training without the condition)
     backbone: str = "auto"  # "auto" (what the model folder holds) | "unet" | "dit"
-    editor_id: str = ""  # "" = the shipped noisy-pair editor data/pretrained/noisy; any folder or hub id
+    # "" = the profile's: the shipped noisy-pair editor data/pretrained/noisy (tiny), InstructPix2Pix (full)
+    editor_id: str = ""
     steps: int = 60  # optimizer steps (tiny: the main job's budget; the seed study sets its own)
     batch_size: int = 16
     lr: float = 5e-4
@@ -80,19 +96,25 @@ class MultiRewardConfig(StageConfig):
     low_scores: tuple[float, float, float] = (1.0, 1.0, 1.0)  # the "low score" control
     grad_clip: float = 1.0
     ema_decay: float | None = None
-    mixed_precision: str = "no"
+    gradient_accumulation_steps: int = 1  # micro-batches of batch_size per optimizer step
     checkpoint_every: int = 100
+
+    # gradient checkpointing and accumulation came after runs were cached (core.config)
+    ADDED_LATER: ClassVar[dict[str, Any]] = {**TrainingConfig.ADDED_LATER, "gradient_checkpointing": False,
+                                             "gradient_accumulation_steps": 1}
 
     PROFILES: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": {},
         "smoke": dict(steps=2, batch_size=2, checkpoint_every=1),
-        # the paper's setting: InstructPix2Pix's UNet (epsilon-prediction, read as a flow velocity)
-        "full": dict(backbone="unet", editor_id="timbrooks/instruct-pix2pix", steps=10000, batch_size=32, lr=5e-5,
-                     lora_rank=64, score_dim=128, hidden_dim=768, heads=8,
+        # the paper's setting: InstructPix2Pix's UNet (epsilon-prediction, read as a flow velocity), its
+        # batch of 32 as 4 micro-batches of 8 (the 0.9B UNet needs no quantisation on one GPU)
+        "full": dict(backbone="unet", editor_id="timbrooks/instruct-pix2pix", steps=10000, batch_size=8,
+                     gradient_accumulation_steps=4, lr=5e-5, lora_rank=64, score_dim=128, hidden_dim=768, heads=8,
                      sampling_steps=20, guidance=7.5, ema_decay=0.999, mixed_precision="bf16", checkpoint_every=500),
     }
 
     def __post_init__(self):
+        super().__post_init__()
         if self.variant not in VARIANTS:
             raise ValueError(f"MultiRewardConfig.variant={self.variant!r} is unknown; "
                              f"use one of {', '.join(VARIANTS)}.")
@@ -101,6 +123,13 @@ class MultiRewardConfig(StageConfig):
                              "(1.0 trains the condition module at the LoRA's learning rate).")
         if self.lora_rank < 0:
             raise ValueError(f"MultiRewardConfig.lora_rank={self.lora_rank} must be >= 0 (0 = full fine-tuning).")
+        if self.lora_rank == 0 and self.quantization is not None:
+            raise BadInputError(f"MultiRewardConfig.quantization={self.quantization!r}", "lora_rank=0 trains every "
+                                "weight of the editor, and quantised weights cannot train",
+                                "set quantization=None, or lora_rank >= 1 (LoRA on the quantised base)")
+        if self.gradient_accumulation_steps < 1:
+            raise ValueError(f"MultiRewardConfig.gradient_accumulation_steps={self.gradient_accumulation_steps} "
+                             "must be >= 1 (1 = no accumulation).")
         if not 0.0 <= self.condition_dropout < 1.0:
             raise ValueError(f"MultiRewardConfig.condition_dropout={self.condition_dropout} must be in [0, 1).")
         self.betas, self.low_scores = tuple(self.betas), tuple(self.low_scores)
@@ -137,23 +166,33 @@ class RewardBatch:
 
 
 class MultiRewardTrainer:
-    def __init__(self, cfg: MultiRewardConfig, dataset, device: torch.device | None = None):
+    def __init__(self, cfg: MultiRewardConfig, dataset, device: torch.device | str | None = None):
+        """``device`` None: the accelerator's (what ``fit`` trains on)."""
         self.cfg = cfg
-        self.device = device or torch.device("cpu")
+        self.placement = place = placement(cfg, device)
+        self.device = place.device
         folder = cfg.editor_id or paths.pretrained_dir() / "noisy"
-        self.editor = load_editor(folder, cfg.backbone).to(self.device)
-        if cfg.lora_rank > 0:
+        # full fine-tuning (lora_rank=0) trains the editor's own weights: fp32, never quantised
+        frozen_base = cfg.lora_rank > 0
+        self.editor = to_device(load_editor(folder, cfg.backbone, quantization=place.quantization,
+                                            dtype=place.dtype if frozen_base else torch.float32, device=self.device),
+                                self.device)
+        if frozen_base:
             attach_lora(self.editor, cfg.lora_rank)  # freezes the base; the adapter starts at zero
+            trainable_in_fp32(self.editor)  # the adapter, made in the base's dtype
         else:
             self.editor.requires_grad_(True)  # full fine-tuning: the checkpoints keep every weight
-        text_encoder = load_text_encoder(folder).to(self.device).requires_grad_(False)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(self.editor, "MultiRewardConfig.gradient_checkpointing")
+        text_encoder = load_text_encoder(folder, dtype=place.dtype, device=self.device)
         model = self.editor
         if cfg.variant == "reward":
             condition = RewardCondition.for_editor(self.editor, text_encoder.pooled_dim, score_dim=cfg.score_dim,
                                                    hidden_dim=cfg.hidden_dim, heads=cfg.heads)
             model = RewardConditionedEditor(self.editor, condition.to(self.device))
         self.model = model
-        self.pipe = RewardEditPipeline(model, text_encoder, load_autoencoder(folder), cfg.shift)
+        self.pipe = RewardEditPipeline(model, text_encoder,
+                                       load_autoencoder(folder, dtype=place.dtype, device=self.device), cfg.shift)
         self._load(dataset)
 
     def _load(self, dataset) -> None:
@@ -192,11 +231,13 @@ class MultiRewardTrainer:
 
     def fit(self, ckpt_dir: Path, progress: bool = True):
         cfg = self.cfg
+        check_training_device(self.device, "MultiRewardTrainer")
         loop = LoopConfig(steps=cfg.steps, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
                           optimizer=cfg.optimizer, grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay,
-                          checkpoint_every=cfg.checkpoint_every, mixed_precision=cfg.mixed_precision, seed=cfg.seed)
+                          checkpoint_every=cfg.checkpoint_every, mixed_precision=self.placement.mixed_precision,
+                          gradient_accumulation_steps=cfg.gradient_accumulation_steps, seed=cfg.seed)
         return train(self.step, {"editor": self.model}, config=loop, ckpt_dir=ckpt_dir, batch_fn=self.batch,
-                     optimizers={"main": make_optimizer(self.param_groups(), loop)}, run_config=cfg.to_dict(),
+                     optimizers={"main": make_optimizer(self.param_groups(), loop)}, run_config=cfg.identity(),
                      progress=progress)
 
     def param_groups(self) -> list[dict]:
@@ -214,10 +255,11 @@ class MultiRewardTrainer:
         return groups
 
 
-def train_multireward(cfg: MultiRewardConfig, dataset, ckpt_dir: Path, device: torch.device | None = None,
+def train_multireward(cfg: MultiRewardConfig, dataset, ckpt_dir: Path, device: torch.device | str | None = None,
                       progress: bool = True) -> tuple[RewardEditPipeline, list]:
     """Train one variant; returns (a pipeline whose ``edit(..., scores=, failure_texts=)`` takes the
-    requested reward (ignored by the ``noreward`` baseline), the loop's history)."""
+    requested reward (ignored by the ``noreward`` baseline), the loop's history). ``device`` None
+    is the accelerator's device (CUDA when present, else CPU)."""
     torch.manual_seed(cfg.seed)
     trainer = MultiRewardTrainer(cfg, dataset, device)
     history = trainer.fit(ckpt_dir, progress=progress)

@@ -23,6 +23,12 @@ editor sees the source through Kontext-style sequence concatenation; a UNet's wi
 ``copy_warmup_steps`` of reference-copy warm-up (flow matching towards the source itself) come
 before the main stage. A share ``noop_share`` of "do nothing" samples adds an MSE to the source
 (the paper's 1%).
+
+Placement (``core.runtime.placement``): the base, the text encoder, the autoencoder and the judge
+are built on the accelerator's device; the frozen ones in ``dtype`` ("auto": bf16 on CUDA, fp32
+on CPU), the base and the judge quantised with bitsandbytes when ``quantization`` is "nf4" or
+"int8" (CUDA only), the LoRA adapters in fp32. The full profile is FLUX.1-Kontext-dev with a
+Qwen2.5-VL judge, both NF4, bf16 autocast and gradient checkpointing.
 """
 
 from __future__ import annotations
@@ -36,33 +42,38 @@ import torch
 
 from nb_edit import world
 from nb_edit.core import cache, paths
-from nb_edit.core.config import StageConfig
+from nb_edit.core.config import TrainingConfig
 from nb_edit.core.images import to_tensor
-from nb_edit.core.runtime import process_rank
+from nb_edit.core.runtime import placement, process_rank, to_device, trainable_in_fp32
 from nb_edit.core.validation import BadInputError
 from nb_edit.data.judge_qa import random_edit
 from nb_edit.flow.losses import flow_matching_loss, uniform_t
 from nb_edit.flow.pipeline import EditPipeline
 from nb_edit.flow.sampling import unroll_two_steps
 from nb_edit.methods.npedit.dmd import dmd_generator_loss, fake_score_loss
-from nb_edit.models.autoencoders import PixelAutoencoder
-from nb_edit.models.editors import editing_base
-from nb_edit.models.loaders import load_editor, load_text_encoder
+from nb_edit.models.editors import UNetEditor, editing_base
+from nb_edit.models.loaders import load_autoencoder, load_editor, load_text_encoder
 from nb_edit.models.lora import active_adapter, adapters_disabled, attach_lora, lora_parameters, set_active_adapter
 from nb_edit.models.vlm.judge import VLMJudge
 from nb_edit.rewards.formulas import temperature_ramp
 from nb_edit.rewards.single_turn import JudgeReward
-from nb_edit.training.loop import LoopConfig, make_optimizer, train
+from nb_edit.training.loop import (
+    LoopConfig,
+    check_training_device,
+    enable_gradient_checkpointing,
+    make_optimizer,
+    train,
+)
 
 VARIANTS = ("full", "dmd_only", "vlm_only", "no_identity", "full_vocab")
 
 
 @dataclasses.dataclass
-class NPEditConfig(StageConfig):
+class NPEditConfig(TrainingConfig):
     variant: str = "full"  # full | dmd_only | vlm_only | no_identity | full_vocab (the paper's ablations)
     backbone: str = "auto"  # "auto" (what the model folder holds) | "unet" | "dit"
-    teacher_id: str = ""  # "" = the shipped stand-in; a hub id or folder in full
-    judge_id: str = ""
+    teacher_id: str = ""  # "" = the profile's: the shipped stand-in (tiny), FLUX.1-Kontext-dev (full)
+    judge_id: str = ""  # "" = the profile's: the shipped stand-in (tiny), Qwen2.5-VL-7B-Instruct (full)
     steps: int = 300
     batch_size: int = 16
     lr: float = 5e-4
@@ -83,8 +94,6 @@ class NPEditConfig(StageConfig):
     temperature_steps: int = 0
     grad_clip: float = 2.0
     ema_decay: float | None = None
-    gradient_checkpointing: bool = False
-    mixed_precision: str = "no"
     checkpoint_every: int = 100
     curve_every: int = 50  # judge-vs-oracle checks during training
     n_curve: int = 64
@@ -95,13 +104,16 @@ class NPEditConfig(StageConfig):
         "tiny": dict(steps=100, curve_every=25, copy_warmup_steps=300, copy_warmup_lr=2e-3),
         "smoke": dict(steps=2, batch_size=2, n_aux=1, curve_every=1, n_curve=4, checkpoint_every=1,
                       copy_warmup_steps=1),
-        "full": dict(steps=4000, batch_size=4, lr=2e-5, lora_rank=64, guidance=3.5, n_aux=5, lambda_vlm=0.02,
+        # one GPU: the 12B base and the 7B judge in NF4 (LoRA on the 4-bit base, as QLoRA)
+        "full": dict(teacher_id="black-forest-labs/FLUX.1-Kontext-dev", judge_id="Qwen/Qwen2.5-VL-7B-Instruct",
+                     steps=4000, batch_size=4, lr=2e-5, lora_rank=64, guidance=3.5, n_aux=5, lambda_vlm=0.02,
                      balance=False, temperature_start=0.1, temperature_steps=2000, ema_decay=0.999,
-                     gradient_checkpointing=True, mixed_precision="bf16", checkpoint_every=250,
+                     gradient_checkpointing=True, mixed_precision="bf16", quantization="nf4", checkpoint_every=250,
                      curve_every=250, n_curve=64),
     }
 
     def __post_init__(self):
+        super().__post_init__()
         if self.variant not in VARIANTS:
             raise ValueError(f"NPEditConfig.variant={self.variant!r} is unknown; use one of {', '.join(VARIANTS)}.")
         self.betas = tuple(self.betas)
@@ -138,19 +150,31 @@ def load_unpaired(dataset) -> tuple[np.ndarray, list]:
 class NPEditTrainer:
     """Holds the shared base with its two adapters, the judge and the data; ``step`` is the loop's."""
 
-    def __init__(self, cfg: NPEditConfig, dataset, device: torch.device | None = None):
+    def __init__(self, cfg: NPEditConfig, dataset, device: torch.device | str | None = None):
+        """``device`` None: the accelerator's (what ``fit`` trains on); another one serves only
+        step-by-step use outside the loop (the CPU benchmarks)."""
         self.cfg = cfg
-        self.device = device or torch.device("cpu")
+        self.placement = place = placement(cfg, device)
+        self.device = place.device
         teacher = Path(cfg.teacher_id) if cfg.teacher_id else paths.pretrained_dir() / "teacher"
         judge_path = cfg.judge_id or paths.pretrained_dir() / "judge"
-        self.model = editing_base(load_editor(teacher, cfg.backbone)).to(self.device)  # teacher = the shared base
+        base = load_editor(teacher, cfg.backbone, quantization=place.quantization, dtype=place.dtype,
+                           device=self.device)
+        if place.quantization and isinstance(base, UNetEditor) and not base.takes_reference:
+            raise BadInputError(f"NPEditConfig.quantization={cfg.quantization!r}", f"the teacher {teacher} is a "
+                                "text-to-image UNet, which becomes the editing base by copying its weights into a "
+                                "widened UNet, and quantised weights cannot be copied so",
+                                "set quantization=None for a UNet teacher, or use a DiT teacher (FLUX.1-Kontext)")
+        self.model = to_device(editing_base(base), self.device)  # teacher = the shared base
         attach_lora(self.model, cfg.lora_rank, adapter_name="fake")
         attach_lora(self.model, cfg.lora_rank, adapter_name="generator")
+        trainable_in_fp32(self.model)  # the adapters, made in the base's dtype
         if cfg.gradient_checkpointing:
-            self.model.enable_gradient_checkpointing()
-        self.pipe = EditPipeline(self.model, load_text_encoder(teacher).to(self.device).requires_grad_(False),
-                                 PixelAutoencoder(), cfg.shift)
-        self.judge = VLMJudge.from_pretrained(judge_path, device=str(self.device)).freeze()
+            enable_gradient_checkpointing(self.model, "NPEditConfig.gradient_checkpointing")
+        self.pipe = EditPipeline(self.model, load_text_encoder(teacher, dtype=place.dtype, device=self.device),
+                                 load_autoencoder(teacher, dtype=place.dtype, device=self.device), cfg.shift)
+        self.judge = VLMJudge.from_pretrained(judge_path, quantization=place.quantization, dtype=place.dtype,
+                                              device=self.device).freeze()
         self.reward = JudgeReward(self.judge, differentiable=True)
         self.sources, self.records = load_unpaired(dataset)
         self.noop_idx = [i for i, r in enumerate(self.records) if r.edit_type == "noop"]
@@ -265,9 +289,10 @@ class NPEditTrainer:
 
     def _loop(self, steps: int, lr: float | None = None) -> LoopConfig:
         cfg = self.cfg
+        check_training_device(self.device, "NPEditTrainer")
         return LoopConfig(steps=steps, lr=lr or cfg.lr, betas=cfg.betas, optimizer=cfg.optimizer, grad_clip=cfg.grad_clip,
                           ema_decay=cfg.ema_decay, checkpoint_every=cfg.checkpoint_every,
-                          mixed_precision=cfg.mixed_precision, seed=cfg.seed)
+                          mixed_precision=self.placement.mixed_precision, seed=cfg.seed)
 
     def fit(self, ckpt_dir: Path, progress: bool = True, warmup_dir: Path | None = None):
         """The copy warm-up (if any), then the main stage; returns both stages' history.
@@ -285,7 +310,7 @@ class NPEditTrainer:
         stage = train(lambda batch, step: self.step(batch, warm + step), {"editor": self.model}, config=loop,
                       ckpt_dir=ckpt_dir, batch_fn=lambda step: self.batch(warm + step),
                       optimizers={"main": main}, aux_optimizers={"fake": self.fake_optimizer},
-                      run_config=cfg.to_dict(), progress=progress)
+                      run_config=cfg.identity(), progress=progress)
         for record in stage:
             record["step"] += warm
         history += stage
@@ -314,8 +339,9 @@ class NPEditTrainer:
 def warmup_key(cfg: NPEditConfig) -> dict[str, Any]:
     """What the copy warm-up depends on (not the variant, nor the main stage's own settings)."""
     keep = ("teacher_id", "backbone", "seed", "batch_size", "lr", "betas", "optimizer", "lora_rank", "grad_clip",
-            "ema_decay", "mixed_precision", "copy_warmup_steps", "copy_warmup_lr", "noop_share", "profile")
-    return {"stage": "npedit_copy_warmup", **{k: v for k, v in cfg.to_dict().items() if k in keep}}
+            "ema_decay", "mixed_precision", "copy_warmup_steps", "copy_warmup_lr", "noop_share", "profile",
+            "dtype", "quantization")
+    return {"stage": "npedit_copy_warmup", **{k: v for k, v in cfg.identity().items() if k in keep}}
 
 
 def shared_warmup_dir(cfg: NPEditConfig, data_root) -> Path:
@@ -325,8 +351,9 @@ def shared_warmup_dir(cfg: NPEditConfig, data_root) -> Path:
     return cache.checkpoint_dir("npedit", {**warmup_key(cfg), "data": str(data_root)})
 
 
-def train_npedit(cfg: NPEditConfig, dataset, ckpt_dir: Path, device: torch.device | None = None):
-    """Train NP-Edit on an unpaired dataset; returns (pipeline of the trained editor, history)."""
+def train_npedit(cfg: NPEditConfig, dataset, ckpt_dir: Path, device: torch.device | str | None = None):
+    """Train NP-Edit on an unpaired dataset; returns (pipeline of the trained editor, history).
+    ``device`` None is the accelerator's device (CUDA when present, else CPU)."""
     torch.manual_seed(cfg.seed)
     trainer = NPEditTrainer(cfg, dataset, device)
     history = trainer.fit(ckpt_dir)

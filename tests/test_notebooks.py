@@ -78,3 +78,23 @@ def test_readable_progress_writes_a_bar_s_final_state():
     assert cell.outputs[0].output_type == "stream" and cell.outputs[0].text == "edits: 100%|██████████| 4/4 [00:01<00:00]\n"
     assert "widgets" not in nb.metadata
     nbformat.validate(nb)
+
+
+def test_small_png_fits_the_budget_and_stays_a_picture():
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from nb_edit.notebook.outputs import small_png
+
+    noise = np.random.default_rng(0).integers(0, 256, (600, 800, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, format="PNG")
+    big = base64.b64encode(buffer.getvalue()).decode("ascii")
+    small = small_png(big, budget=100_000)
+    assert len(base64.b64decode(small)) <= 100_000 < len(buffer.getvalue())
+    with Image.open(io.BytesIO(base64.b64decode(small))) as image:
+        assert image.format == "PNG" and image.width <= 800 and image.width / image.height == 800 / 600
+    assert small_png(small, budget=100_000) == small  # already small: kept as it is

@@ -1,3 +1,3 @@
-"""Evaluation: the harness (any editor on any benchmark, beside the copy baseline), statistics,
+"""Evaluation: the harness (any editor on any benchmark), statistics,
 the paper-claims table and the run report.
 """

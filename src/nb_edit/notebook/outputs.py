@@ -7,15 +7,19 @@ viewer without the widget manager ignores. :func:`readable_progress` writes each
 state as plain text in place of the widget and drops the widget state, so a saved notebook shows
 "100%| 256/256 [00:03<00:00]" where it showed "0%". :func:`publish` turns a run's executed
 notebook into the committed copy: papermill's injected parameters and timings removed, execution
-counts kept (nbval needs them next to outputs), schema-validated.
+counts kept (nbval needs them next to outputs), figures re-encoded as small PNGs
+(:func:`small_png`: a 256-colour palette, then halved until under a size), schema-validated.
 """
 
 from __future__ import annotations
 
+import base64
 import html
+import io
 from pathlib import Path
 
 import nbformat
+from PIL import Image
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
@@ -44,7 +48,9 @@ def readable_progress(notebook: nbformat.NotebookNode) -> int:
             continue
         outputs = []
         for output in cell.get("outputs", []):
-            view = output.get("data", {}).get(WIDGET_VIEW) if output.get("output_type") == "display_data" else None
+            # a widget shown by display() or as a cell's value (the interactive editor is the latter)
+            shown = output.get("output_type") in ("display_data", "execute_result")
+            view = output.get("data", {}).get(WIDGET_VIEW) if shown else None
             if view is None:
                 outputs.append(output)
                 continue
@@ -68,11 +74,34 @@ def clean_file(path: str | Path) -> int:
     return replaced
 
 
+PNG_BUDGET = 120_000  # bytes per figure in a committed notebook; the run folder keeps the original
+
+
+def small_png(data: str, budget: int = PNG_BUDGET) -> str:
+    """A base64 PNG re-encoded to fit ``budget`` bytes: first as a 256-colour palette (plots and
+    the world's flat-coloured shapes lose nothing visible), then halved in size until it fits."""
+    raw = base64.b64decode(data)
+    if len(raw) <= budget:
+        return data
+    with Image.open(io.BytesIO(raw)) as opened:
+        image = opened.convert("RGB")
+    while True:
+        buffer = io.BytesIO()
+        image.quantize(colors=256).save(buffer, format="PNG", optimize=True)
+        if buffer.tell() <= budget or min(image.size) <= 64:
+            return base64.b64encode(buffer.getvalue()).decode("ascii")
+        image = image.resize((image.width // 2, image.height // 2), Image.LANCZOS)
+
+
 def publish(executed: str | Path, destination: str | Path) -> None:
     """Write a run's executed notebook to ``destination`` as the committed copy with outputs."""
     notebook = nbformat.read(str(executed), as_version=4)
     readable_progress(notebook)
     notebook.cells = [cell for cell in notebook.cells if "injected-parameters" not in cell.metadata.get("tags", [])]
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            if "image/png" in output.get("data", {}):
+                output["data"]["image/png"] = small_png(output["data"]["image/png"])
     for cell in notebook.cells:
         for key in ("papermill", "execution"):
             cell.metadata.pop(key, None)

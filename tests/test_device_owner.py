@@ -226,7 +226,7 @@ def test_new_settings_leave_earlier_runs_found_and_resumable(tmp_path):
     assert "dtype" in cfg.replace(dtype="bf16").identity()  # away from the old value it counts
     mr = MultiRewardConfig.for_profile("smoke")
     assert set(mr.to_dict()) - set(mr.identity()) == {"dtype", "quantization", "gradient_checkpointing",
-                                                      "gradient_accumulation_steps"}
+                                                      "gradient_accumulation_steps", "judge_id"}
 
     def run(steps, run_config):
         torch.manual_seed(0)

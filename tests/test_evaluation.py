@@ -396,14 +396,24 @@ def test_a_finished_run_loads_without_a_training_step(smoke_data, tmp_path, monk
                           trainer.edit_pipeline().edit(sources, texts, steps=2, seed=1))
 
 
-def test_trained_runs_finds_multireward_runs_made_with_notebook_06_overrides(smoke_data):
-    """Notebook 06's ``overrides`` win over its ``steps``, in the registry that it and trained_runs share."""
+def test_trained_runs_finds_runs_made_with_each_notebooks_overrides(smoke_data):
+    """Each method notebook's ``*_overrides`` win over its ``steps``, in the registry that it and
+    trained_runs share; an override of None sets None; a setting the config lacks is refused."""
+    from nb_edit.core.validation import BadInputError
+    from nb_edit.methods.mtrl.train import MTRLConfig
     from nb_edit.methods.multireward.train import MultiRewardConfig
 
     overrides = {"lora_rank": 0, "lr": 2e-4, "steps": 7}
     plain = {r.name: r for r in registry.trained_runs("smoke", 0, smoke_data, stages=["multireward"])}
-    found = {r.name: r for r in registry.trained_runs("smoke", 0, smoke_data, stages=["multireward"],
-                                                             overrides=overrides)}
+    found = {r.name: r for r in registry.trained_runs("smoke", 0, smoke_data, stages=["multireward", "mtrl"],
+                                                      multireward_overrides=overrides,
+                                                      mtrl_overrides={"steps": 5})}
+    assert found["mtrl_grpo_broadcast"].config == MTRLConfig.for_profile(
+        "smoke", seed=0, steps=5, algorithm="grpo", advantage="broadcast")
+    full = registry.npedit_configs("full", variants="full", overrides={"ema_decay": None})["full"]
+    assert full.ema_decay is None and registry.npedit_configs("full", variants="full")["full"].ema_decay == 0.999
+    with pytest.raises(BadInputError, match="condition_lr_scale"):
+        registry.npedit_configs("smoke", overrides={"condition_lr_scale": 2.0})
     for variant in ("noreward", "reward"):
         cfg = found[f"multireward_{variant}"].config
         assert cfg == MultiRewardConfig.for_profile("smoke", variant=variant, seed=0, editor_id="", **overrides)

@@ -14,9 +14,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKL,
-    EulerDiscreteScheduler,
-    FlowMatchEulerDiscreteScheduler,
     FluxKontextPipeline,
     FluxTransformer2DModel,
     StableDiffusionInstructPix2PixPipeline,
@@ -25,8 +22,8 @@ from diffusers import (
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
-from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
+import hub_models
 from nb_edit.core.cache import CorruptFileWarning
 from nb_edit.core.validation import BadInputError
 from nb_edit.methods.export import (
@@ -45,10 +42,8 @@ from nb_edit.models.lora import adapters_disabled, attach_lora, lora_parameters
 from nb_edit.models.text import build_tokenizer
 from nb_edit.models.tiny_configs import (
     TINY_TEXT_DIM,
-    tiny_clip_text_config,
     tiny_flux_config,
     tiny_unet_config,
-    tiny_vae_config,
 )
 from nb_edit.training.checkpoint import save_checkpoint
 
@@ -65,42 +60,20 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
-def _text_parts():
-    tokenizer = build_tokenizer([PROMPT, "a photo of shapes", ""])
-    clip = CLIPTextModel(CLIPTextConfig(**tiny_clip_text_config(
-        tokenizer.vocab_size, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id)))
-    return tokenizer, clip
+def _tokenizer():
+    return build_tokenizer([PROMPT, "a photo of shapes", ""])
 
 
 @pytest.fixture(scope="module")
 def flux_folder(tmp_path_factory):
     """A FluxKontextPipeline of tiny real components, written in the hub layout."""
-    torch.manual_seed(0)
-    tokenizer, clip = _text_parts()
-    t5 = T5EncoderModel(T5Config(vocab_size=tokenizer.vocab_size, d_model=TINY_TEXT_DIM, d_ff=64, d_kv=8,
-                                 num_layers=1, num_heads=4, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id))
-    pipe = FluxKontextPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(), vae=AutoencoderKL(**tiny_vae_config(LATENT_CHANNELS)),
-        text_encoder=clip, tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=tokenizer,
-        transformer=FluxTransformer2DModel(**tiny_flux_config(LATENT_CHANNELS, patch=2)))
-    folder = tmp_path_factory.mktemp("flux_kontext")
-    pipe.save_pretrained(folder)
-    return folder
+    return hub_models.flux_kontext(tmp_path_factory.mktemp("flux_kontext"), _tokenizer(), LATENT_CHANNELS)
 
 
 @pytest.fixture(scope="module")
 def ip2p_folder(tmp_path_factory):
     """A StableDiffusionInstructPix2PixPipeline of tiny real components (UNet with 8 input channels)."""
-    torch.manual_seed(0)
-    tokenizer, clip = _text_parts()
-    pipe = StableDiffusionInstructPix2PixPipeline(
-        vae=AutoencoderKL(**tiny_vae_config(LATENT_CHANNELS)), text_encoder=clip, tokenizer=tokenizer,
-        unet=UNet2DConditionModel(**tiny_unet_config(LATENT_CHANNELS)), scheduler=EulerDiscreteScheduler(),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    folder = tmp_path_factory.mktemp("instruct_pix2pix")
-    pipe.save_pretrained(folder)
-    return folder
+    return hub_models.instruct_pix2pix(tmp_path_factory.mktemp("instruct_pix2pix"), _tokenizer(), LATENT_CHANNELS)
 
 
 def _randomize(model, seed=1, scale=0.3):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import logging
 import os
 import platform
 import sys
@@ -376,11 +377,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def train_config(stage: str, profile: str, items: list[str]):
     """The stage's config with the ``--set NAME=VALUE`` items, checked against its fields and
     types (:func:`nb_edit.core.config.parse_overrides`); raises :class:`BadInputError`."""
-    from nb_edit.methods.npedit.train import NPEditConfig  # lazy: torch and the models; `run` and `report` need neither
+    from nb_edit.methods.mtrl.train import MTRLConfig  # lazy: torch and the models; `run` and `report` need neither
+    from nb_edit.methods.multireward.train import MultiRewardConfig  # lazy: as above
+    from nb_edit.methods.npedit.train import NPEditConfig  # lazy: as above
 
-    configs = {"npedit": NPEditConfig}
+    configs = {"npedit": NPEditConfig, "multireward": MultiRewardConfig, "mtrl": MTRLConfig}
     if stage not in configs:
-        raise BadInputError(f"train {stage}", "this stage has no command yet", f"use one of {', '.join(configs)}")
+        raise BadInputError(f"train {stage}", "there is no such stage", f"use one of {', '.join(configs)}")
     cls = configs[stage]
     overrides = parse_overrides(cls, items)
     # for_profile reads None as "the profile's value"; an explicit `--set x=null` means None
@@ -399,8 +402,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch.distributed as dist  # lazy: torch; `run` and `report` need none of it
 
     from nb_edit.data.world_datasets import shapesworld  # lazy: as above
-    from nb_edit.methods.npedit.train import train_npedit  # lazy: as above
-    from nb_edit.methods.registry import run_dir  # lazy: as above
+    from nb_edit.methods.registry import train_stage  # lazy: as above
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed and not dist.is_initialized():  # launched by accelerate launch / torchrun
@@ -412,15 +414,25 @@ def cmd_train(args: argparse.Namespace) -> int:
                 shapesworld(settings, seed=0)
             dist.barrier()
         data = shapesworld(settings, seed=0)
-        ckpt = run_dir("npedit", cfg, data["root"])
-        _, history = train_npedit(cfg, data["unpaired"], Path(args.ckpt_dir) if args.ckpt_dir else ckpt)
+        _, history = train_stage(args.stage, cfg, data, Path(args.ckpt_dir) if args.ckpt_dir else None)
         warm = sum("loss_copy" in h for h in history)
-        print(f"train npedit: {len(history) - warm} steps after {warm} copy warm-up steps, last loss_vlm "
-              f"{history[-1].get('loss_vlm')}, loss_dmd {history[-1].get('loss_dmd')}")
+        last = {k: round(float(v), 6) for k, v in history[-1].items() if k.startswith("loss")} if history else {}
+        print(f"train {args.stage}: {len(history) - warm} steps" + (f" after {warm} copy warm-up steps" if warm else "")
+              + f", last {last}")
     finally:
         if distributed and dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+def _show_project_log() -> None:
+    """The project's own INFO lines (a resume, a fallback) on stderr; other libraries keep theirs."""
+    logger = logging.getLogger("nb_edit")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -466,7 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     ben.add_argument("--gpu", action="store_true", help="also the real-size GPU benchmarks (needs CUDA)")
     ben.set_defaults(func=cmd_bench)
     tr = sub.add_parser("train", help="run one training stage (accelerate launch / torchrun ready)")
-    tr.add_argument("stage", choices=["npedit"])
+    tr.add_argument("stage", choices=["npedit", "multireward", "mtrl"],
+                    help="npedit (NP-Edit), multireward (Multi-Reward as Condition), mtrl (MT-EditFlow)")
     tr.add_argument("--profile", default="tiny", choices=PROFILE_NAMES)
     tr.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="config setting (repeatable), checked against the stage's config before anything loads")
@@ -479,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("--ema", action="store_true", help="export the EMA weights (runs trained with ema_decay)")
     exp.set_defaults(func=cmd_export)
     args = parser.parse_args(argv)
+    _show_project_log()
     try:
         return args.func(args)
     except BadInputError as error:  # the user's input, not the code: a message, not a traceback

@@ -7,6 +7,10 @@ Profiles (``RunSettings.profile``):
 * ``smoke`` - the tiny code path at toy sizes, so that the test suite runs every notebook cell
   in seconds. ``make test`` asks for it by setting ``NB_EDIT_SMOKE=1`` for the nbval kernels; a
   notebook still says ``profile = "tiny"`` and :func:`resolve_profile` swaps in ``smoke``.
+  With ``NB_EDIT_SMOKE=1`` the ``full`` profile keeps its models and how it holds them (ids,
+  backbone, dtype, quantisation, mixed precision, gradient checkpointing) and takes smoke's
+  sizes (steps, batches, images, evaluation sets): the full code path in a minute, which the
+  tests run on tiny hub-layout models and a user can run before a long job.
 
 Only sizes, model ids, data paths and how the models are held (dtype, quantisation, mixed
 precision) change between profiles, never the logic. A stage config declares its per-profile
@@ -46,6 +50,11 @@ SMOKE_ENV = "NB_EDIT_SMOKE"
 T = TypeVar("T", bound="StageConfig")
 
 
+def smoke_requested() -> bool:
+    """Whether ``NB_EDIT_SMOKE`` asks for toy sizes (see the module docstring)."""
+    return os.environ.get(SMOKE_ENV, "") not in ("", "0")
+
+
 def resolve_profile(profile: str) -> str:
     """Check ``profile`` and apply the test suite's smoke override (see module docstring)."""
     if not isinstance(profile, str) or profile not in PROFILE_NAMES:
@@ -53,7 +62,7 @@ def resolve_profile(profile: str) -> str:
             f"profile={profile!r} is not a known profile; use one of {', '.join(PROFILE_NAMES)} "
             "(papermill: -p profile tiny)."
         )
-    if profile == "tiny" and os.environ.get(SMOKE_ENV, "") not in ("", "0"):
+    if profile == "tiny" and smoke_requested():
         return "smoke"
     return profile
 
@@ -75,11 +84,17 @@ class StageConfig:
     # identity() leaves them out at that value, so earlier runs keep their cache folders and
     # their checkpoints still resume (a new field would otherwise read as a changed config).
     ADDED_LATER: ClassVar[dict[str, Any]] = {}
+    # settings that size the machine, not the run: at smoke sizes they keep their defaults
+    MACHINE_SETTINGS: ClassVar[tuple[str, ...]] = ("num_threads",)
 
     @classmethod
     def for_profile(cls: type[T], profile: str = "tiny", **overrides: Any) -> T:
         name = resolve_profile(profile)
         values = dict(cls.PROFILES.get(name, {}))
+        if name == "full" and smoke_requested():  # the full code path at smoke sizes (module docstring)
+            values.update(cls.PROFILES.get("smoke", {}))
+            for local in cls.MACHINE_SETTINGS:
+                values.pop(local, None)
         # None, and "" for a model id, mean "the profile's value" (module docstring): a notebook's
         # empty editor_id must not swap the full profile's hub model for the tiny stand-in
         values.update({k: v for k, v in overrides.items()

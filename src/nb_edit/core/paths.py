@@ -56,8 +56,8 @@ def cache_dir() -> Path:
 
 
 def runs_dir() -> Path:
-    """Run folders: ``papermill_runs/<run_id>/``."""
-    return repo_root() / "papermill_runs"
+    """Run folders: ``papermill_runs/<run_id>/``, or ``$NB_EDIT_RUNS/<run_id>/`` (a scratch disk)."""
+    return Path(os.environ.get("NB_EDIT_RUNS", repo_root() / "papermill_runs"))
 
 
 def notebooks_dir() -> Path:

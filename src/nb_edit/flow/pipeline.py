@@ -18,11 +18,11 @@ import torch
 from torch import Tensor
 
 from nb_edit.core.images import check_image_tensor, to_tensor, to_uint8
+from nb_edit.core.runtime import pick_device, resolve_dtype
 from nb_edit.flow.losses import cfg_velocity
 from nb_edit.flow.sampling import VelocityFn, euler_sample, flow_sigmas
-from nb_edit.models.autoencoders import PixelAutoencoder
 from nb_edit.models.editors import editing_base
-from nb_edit.models.loaders import load_editor, load_teacher, load_text_encoder
+from nb_edit.models.loaders import load_autoencoder, load_editor, load_teacher, load_text_encoder
 from nb_edit.models.text import NULL_TEXT
 
 
@@ -90,10 +90,19 @@ class EditPipeline:
     def sigmas(self, steps: int) -> Tensor:
         return flow_sigmas(steps, self.shift).to(self.device)
 
-    def noise_like_latents(self, batch: int, resolution: int, seed: int) -> Tensor:
+    def latent_shape(self, batch: int, resolution: int) -> tuple[int, int, int, int]:
+        """The latents of ``batch`` images of ``resolution`` pixels: pixels themselves in the tiny
+        profile, ``[B, 16, H/8, W/8]`` for FLUX's autoencoder, ``[B, 4, H/8, W/8]`` for SD's."""
         channels, down = self.autoencoder.latent_channels, self.autoencoder.downsample
-        gen = torch.Generator().manual_seed(seed)
-        return torch.randn(batch, channels, resolution // down, resolution // down, generator=gen).to(self.device)
+        if resolution % down:
+            raise ValueError(f"resolution {resolution} is not a multiple of the autoencoder's downsampling {down}.")
+        return batch, channels, resolution // down, resolution // down
+
+    def noise_like_latents(self, batch: int, resolution: int, seed: int | torch.Generator) -> Tensor:
+        """Gaussian noise in the latent shape, drawn on the CPU (the same numbers on every device)
+        from ``seed`` or from a generator the caller keeps."""
+        gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
+        return torch.randn(self.latent_shape(batch, resolution), generator=gen).to(self.device)
 
     def sample(self, velocity_fn: VelocityFn, batch: int, resolution: int, steps: int, seed: int) -> np.ndarray:
         """Few-step Euler sampling of ``velocity_fn`` from seeded noise, decoded to uint8 images."""
@@ -119,8 +128,18 @@ class EditPipeline:
         return self.sample(self.guided_velocity_fn(cond, guidance), len(captions), resolution, steps, seed)
 
 
-def load_pipeline(folder: Path, backbone: str = "auto", as_teacher: bool = False):
-    """A shipped stand-in (or a hub folder) as an :class:`~nb_edit.flow.pipeline.EditPipeline`."""
+def load_pipeline(folder: str | Path, backbone: str = "auto", as_teacher: bool = False,
+                  device: str | torch.device = "auto", dtype: str = "auto"):
+    """A shipped stand-in, a hub-layout folder or a hub id as an :class:`EditPipeline`: its
+    editor (or teacher), its text encoder(s), and its autoencoder (``vae/``: latents; none: pixels).
+
+    ``device`` "auto" is the accelerator's (CUDA when present); ``dtype`` "auto" is bf16 there and
+    fp32 on CPU (``core.runtime.resolve_dtype``).
+    """
+    device = pick_device(device)
+    dtype = resolve_dtype(dtype, device, "load_pipeline(dtype)")
     # a text-to-image UNet asked to edit is widened (zero reference weights): it starts as the teacher
-    model = load_teacher(folder, backbone) if as_teacher else editing_base(load_editor(folder, backbone))
-    return EditPipeline(model.eval(), load_text_encoder(folder).eval(), PixelAutoencoder())
+    model = (load_teacher(folder, backbone, dtype=dtype, device=device) if as_teacher
+             else editing_base(load_editor(folder, backbone, dtype=dtype, device=device)))
+    return EditPipeline(model.eval(), load_text_encoder(folder, dtype=dtype, device=device).eval(),
+                        load_autoencoder(folder, dtype=dtype, device=device))

@@ -23,14 +23,20 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from nb_edit.core import cache, paths
+from nb_edit.core.config import setting_types
+from nb_edit.core.runtime import placement
+from nb_edit.core.validation import BadInputError
 from nb_edit.data.store import read_dataset
 from nb_edit.methods.mtrl.train import MTRLConfig, train_mtrl
 from nb_edit.methods.multireward.train import MultiRewardConfig, train_multireward
-from nb_edit.methods.npedit.train import NPEditConfig, NPEditTrainer, shared_warmup_dir
+from nb_edit.methods.npedit.train import NPEditConfig, NPEditTrainer, shared_warmup_dir, train_npedit
+from nb_edit.models.vlm.judge import VLMJudge
+from nb_edit.rewards.single_turn import JudgeReward, annotate_rewards
 from nb_edit.training.checkpoint import STEP_PREFIX, latest_checkpoint
 
-__all__ = ["MTRL_VARIANTS", "MULTIREWARD_VARIANTS", "NPEDIT_VARIANTS", "STAGES", "TrainedRun", "mtrl_configs",
-           "multireward_configs", "npedit_configs", "reward_annotations", "run_dir", "trained_runs"]
+__all__ = ["MTRL_VARIANTS", "MULTIREWARD_VARIANTS", "NPEDIT_VARIANTS", "STAGES", "TrainedRun", "annotated_triplets",
+           "mtrl_configs", "multireward_configs", "npedit_configs", "reward_annotations", "run_dir", "train_stage",
+           "trained_runs"]
 
 STAGES = ("npedit", "multireward", "mtrl")
 NOTEBOOK = {"npedit": "05_npedit", "multireward": "06_multi_reward", "mtrl": "07_multiturn_rl"}
@@ -112,27 +118,41 @@ def _variant_names(wanted: str | Sequence[str], known: Sequence[str], stage: str
     return names
 
 
+def _configured(cls, profile: str, settings: dict, overrides: dict | None):
+    """``cls.for_profile(profile, **settings, **overrides)``; an override of None sets None
+    (``quantization: null`` loads the bases unquantised) instead of meaning "the profile's value"."""
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(setting_types(cls)))
+    if unknown:
+        raise BadInputError(f"overrides {unknown}", f"{cls.__name__} has no such settings",
+                            f"use names of {cls.__name__}: {', '.join(sorted(setting_types(cls)))}")
+    nones = {k: None for k, v in overrides.items() if v is None}
+    return cls.for_profile(profile, **{**settings, **overrides}).replace(**nones)
+
+
 def npedit_configs(profile: str, *, seed: int = 0, steps: int = 0, teacher_id: str = "", judge_id: str = "",
-                   variants: str | Sequence[str] = "") -> dict[str, NPEditConfig]:
-    """Notebook 05's runs: variant name -> configuration (``variants`` "" means every ablation)."""
-    return {v: NPEditConfig.for_profile(profile, variant=v, teacher_id=teacher_id, judge_id=judge_id, seed=seed,
-                                        steps=steps or None)
+                   variants: str | Sequence[str] = "", overrides: dict | None = None) -> dict[str, NPEditConfig]:
+    """Notebook 05's runs: variant name -> configuration (``variants`` "" means every ablation);
+    ``overrides`` are more ``NPEditConfig`` settings and win over ``steps``."""
+    settings = dict(teacher_id=teacher_id, judge_id=judge_id, seed=seed, steps=steps or None)
+    return {v: _configured(NPEditConfig, profile, {**settings, "variant": v}, overrides)
             for v in _variant_names(variants, NPEDIT_VARIANTS, "npedit")}
 
 
-def multireward_configs(profile: str, *, seed: int = 0, steps: int = 0, editor_id: str = "",
+def multireward_configs(profile: str, *, seed: int = 0, steps: int = 0, editor_id: str = "", judge_id: str = "",
                         overrides: dict | None = None) -> dict[str, MultiRewardConfig]:
     """Notebook 06's runs; ``overrides`` are more ``MultiRewardConfig`` settings and win over ``steps``."""
-    settings = {**dict(seed=seed, editor_id=editor_id, steps=steps or None), **(overrides or {})}
-    return {v: MultiRewardConfig.for_profile(profile, variant=v, **settings) for v in MULTIREWARD_VARIANTS}
+    settings = dict(seed=seed, editor_id=editor_id, judge_id=judge_id, steps=steps or None)
+    return {v: _configured(MultiRewardConfig, profile, {**settings, "variant": v}, overrides)
+            for v in MULTIREWARD_VARIANTS}
 
 
 def mtrl_configs(profile: str, *, seed: int = 0, steps: int = 0, policy_id: str = "",
-                 judge_id: str = "") -> dict[str, MTRLConfig]:
-    """Notebook 07's runs: variant name -> configuration."""
-    return {name: MTRLConfig.for_profile(profile, seed=seed, policy_id=policy_id, judge_id=judge_id,
-                                         steps=steps or None, **settings)
-            for name, settings in MTRL_VARIANTS.items()}
+                 judge_id: str = "", overrides: dict | None = None) -> dict[str, MTRLConfig]:
+    """Notebook 07's runs: variant name -> configuration; ``overrides`` as in :func:`npedit_configs`."""
+    settings = dict(seed=seed, policy_id=policy_id, judge_id=judge_id, steps=steps or None)
+    return {name: _configured(MTRLConfig, profile, {**settings, **variant}, overrides)
+            for name, variant in MTRL_VARIANTS.items()}
 
 
 def reward_annotations(data: dict, judge_id: str = ""):
@@ -147,9 +167,36 @@ def reward_annotations(data: dict, judge_id: str = ""):
     return folder, read_dataset(folder)
 
 
+def annotated_triplets(data: dict, cfg: MultiRewardConfig):
+    """(folder, dataset) of the judge's annotations of the noisy training triplets, made now with
+    ``cfg``'s judge (on the accelerator's device, held as ``cfg`` says) if the cache lacks them."""
+    folder, annotated = reward_annotations(data, cfg.judge_id)
+    if annotated is None:
+        place = placement(cfg)
+        judge = VLMJudge.from_pretrained(cfg.judge_id or paths.pretrained_dir() / "judge", quantization=place.quantization,
+                                         dtype=place.dtype, device=place.device).freeze()
+        annotated = annotate_rewards(data["noisy"].split("train"), JudgeReward(judge), folder)
+    return folder, annotated
+
+
+def train_stage(stage: str, cfg, data: dict, ckpt_dir: Path | None = None):
+    """Train one run of ``stage`` with ``cfg`` on ``data`` (``shapesworld(settings, seed=0)``) into
+    ``ckpt_dir`` (default: its folder in the artifact cache, :func:`run_dir`); what
+    ``python -m nb_edit train`` runs. Returns (the trained editor's pipeline, the loop's history)."""
+    if stage not in STAGES:
+        raise ValueError(f"stage {stage!r} is unknown; use one of {', '.join(STAGES)}.")
+    if stage == "npedit":
+        return train_npedit(cfg, data["unpaired"], Path(ckpt_dir or run_dir(stage, cfg, data["root"])))
+    if stage == "multireward":
+        folder, annotated = annotated_triplets(data, cfg)
+        return train_multireward(cfg, annotated, Path(ckpt_dir or run_dir(stage, cfg, folder)))
+    return train_mtrl(cfg, data["multiturn"].split("train"), Path(ckpt_dir or run_dir(stage, cfg, data["root"])))
+
+
 def trained_runs(profile: str, seed: int, data: dict, *, steps: int = 0, judge_id: str = "",
                  teacher_id: str = "", editor_id: str = "", policy_id: str = "",
-                 overrides: dict | None = None, stages: Sequence[str] = STAGES) -> list[TrainedRun]:
+                 npedit_overrides: dict | None = None, multireward_overrides: dict | None = None,
+                 mtrl_overrides: dict | None = None, stages: Sequence[str] = STAGES) -> list[TrainedRun]:
     """Every run notebooks 05-07 make with these parameters (the notebooks' parameter names;
     ``steps=0`` means the profile's default), found or not in the artifact cache.
 
@@ -161,19 +208,22 @@ def trained_runs(profile: str, seed: int, data: dict, *, steps: int = 0, judge_i
     root = data["root"]
     runs: list[TrainedRun] = []
     if "npedit" in stages:
-        configs = npedit_configs(profile, seed=seed, steps=steps, teacher_id=teacher_id, judge_id=judge_id)
+        configs = npedit_configs(profile, seed=seed, steps=steps, teacher_id=teacher_id, judge_id=judge_id,
+                                 overrides=npedit_overrides)
         for variant, cfg in configs.items():
             runs.append(TrainedRun(f"npedit_{variant}", "npedit", cfg, run_dir("npedit", cfg, root), data["unpaired"],
                                    warmup_dir=shared_warmup_dir(cfg, root) if cfg.copy_warmup_steps else None))
     if "multireward" in stages:
         folder, annotated = reward_annotations(data, judge_id)
         missing = "" if annotated is not None else "notebook 06's judge annotations are not in the cache"
-        configs = multireward_configs(profile, seed=seed, steps=steps, editor_id=editor_id, overrides=overrides)
+        configs = multireward_configs(profile, seed=seed, steps=steps, editor_id=editor_id, judge_id=judge_id,
+                                      overrides=multireward_overrides)
         for variant, cfg in configs.items():
             ckpt = run_dir("multireward", cfg, folder) if annotated is not None else None
             runs.append(TrainedRun(f"multireward_{variant}", "multireward", cfg, ckpt, annotated, missing))
     if "mtrl" in stages:
         train_sequences = data["multiturn"].split("train")
-        for name, cfg in mtrl_configs(profile, seed=seed, steps=steps, policy_id=policy_id, judge_id=judge_id).items():
+        for name, cfg in mtrl_configs(profile, seed=seed, steps=steps, policy_id=policy_id, judge_id=judge_id,
+                                      overrides=mtrl_overrides).items():
             runs.append(TrainedRun(f"mtrl_{name}", "mtrl", cfg, run_dir("mtrl", cfg, root), train_sequences))
     return runs

@@ -77,6 +77,8 @@ class MultiRewardConfig(TrainingConfig):
     backbone: str = "auto"  # "auto" (what the model folder holds) | "unet" | "dit"
     # "" = the profile's: the shipped noisy-pair editor data/pretrained/noisy (tiny), InstructPix2Pix (full)
     editor_id: str = ""
+    # the VLM that scored the training triplets (their annotations name it too); training loads no judge
+    judge_id: str = ""
     steps: int = 60  # optimizer steps (tiny: the main job's budget; the seed study sets its own)
     batch_size: int = 16
     lr: float = 5e-4
@@ -101,14 +103,14 @@ class MultiRewardConfig(TrainingConfig):
 
     # gradient checkpointing and accumulation came after runs were cached (core.config)
     ADDED_LATER: ClassVar[dict[str, Any]] = {**TrainingConfig.ADDED_LATER, "gradient_checkpointing": False,
-                                             "gradient_accumulation_steps": 1}
+                                             "gradient_accumulation_steps": 1, "judge_id": ""}
 
     PROFILES: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": {},
         "smoke": dict(steps=2, batch_size=2, checkpoint_every=1),
         # the paper's setting: InstructPix2Pix's UNet (epsilon-prediction, read as a flow velocity), its
         # batch of 32 as 4 micro-batches of 8 (the 0.9B UNet needs no quantisation on one GPU)
-        "full": dict(backbone="unet", editor_id="timbrooks/instruct-pix2pix", steps=10000, batch_size=8,
+        "full": dict(editor_id="timbrooks/instruct-pix2pix", judge_id="Qwen/Qwen2.5-VL-7B-Instruct", steps=10000, batch_size=8,
                      gradient_accumulation_steps=4, lr=5e-5, lora_rank=64, score_dim=128, hidden_dim=768, heads=8,
                      sampling_steps=20, guidance=7.5, ema_decay=0.999, mixed_precision="bf16", checkpoint_every=500),
     }

@@ -190,7 +190,7 @@ class NPEditTrainer:
 
     def generate(self, batch: UnpairedBatch, gen: torch.Generator) -> torch.Tensor:
         cond = self.pipe.condition(batch.instructions, batch.sources)
-        noise = torch.randn(batch.sources.shape, generator=gen).to(self.device)
+        noise = self.pipe.noise_like_latents(len(batch.instructions), batch.sources.shape[-1], gen)
         with active_adapter(self.model, "generator"):  # both generator calls run inside
             x0, _ = unroll_two_steps(self.pipe.velocity_fn(cond), noise, self.pipe.sigmas(self.cfg.sampling_steps),
                                      gen, gradient_checkpointing=self.cfg.gradient_checkpointing)

@@ -23,7 +23,6 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import hub_models
 from nb_edit.core.cache import CorruptFileWarning
 from nb_edit.core.validation import BadInputError
 from nb_edit.methods.export import (
@@ -45,6 +44,7 @@ from nb_edit.models.tiny_configs import (
     tiny_flux_config,
     tiny_unet_config,
 )
+from nb_edit.standins import hub_layout
 from nb_edit.training.checkpoint import save_checkpoint
 
 PROMPT = "make the red circle blue"
@@ -67,13 +67,15 @@ def _tokenizer():
 @pytest.fixture(scope="module")
 def flux_folder(tmp_path_factory):
     """A FluxKontextPipeline of tiny real components, written in the hub layout."""
-    return hub_models.flux_kontext(tmp_path_factory.mktemp("flux_kontext"), _tokenizer(), LATENT_CHANNELS)
+    return hub_layout.flux_kontext(tmp_path_factory.mktemp("flux_kontext"), tokenizer=_tokenizer(),
+                                   latent_channels=LATENT_CHANNELS)
 
 
 @pytest.fixture(scope="module")
 def ip2p_folder(tmp_path_factory):
     """A StableDiffusionInstructPix2PixPipeline of tiny real components (UNet with 8 input channels)."""
-    return hub_models.instruct_pix2pix(tmp_path_factory.mktemp("instruct_pix2pix"), _tokenizer(), LATENT_CHANNELS)
+    return hub_layout.instruct_pix2pix(tmp_path_factory.mktemp("instruct_pix2pix"), tokenizer=_tokenizer(),
+                                       latent_channels=LATENT_CHANNELS)
 
 
 def _randomize(model, seed=1, scale=0.3):

@@ -1,12 +1,13 @@
 """The full profile's code path on CPU: hub-layout models of the real classes, loaded by path.
 
 Tiny random FLUX.1-Kontext and InstructPix2Pix pipelines and a Qwen2.5-VL judge are written with
-``save_pretrained`` (``tests/hub_models.py``; nothing downloads) and every trainer runs through
+``save_pretrained`` (``nb_edit.standins.hub_layout``; nothing downloads) and every trainer runs through
 the README's command, ``python -m nb_edit train <stage> --profile full``, with the full profile's
 settings except the two a CPU cannot hold (``quantization=null``; bf16 falls back to fp32 with a
 warning) and ``NB_EDIT_SMOKE=1`` for toy sizes. Each run is SIGKILLed after its first
-checkpoint and resumed by the same command. Notebooks 05-07 run under papermill with
-``profile=full`` on the same folders.
+checkpoint, resumed by the same command, and exported; the stock diffusers pipeline of its
+family loads the export. Notebooks 05-07 run under papermill with ``profile=full`` on the same
+folders, and ``gpu-check`` runs its code at tiny size.
 """
 
 import json
@@ -17,22 +18,25 @@ import sys
 from pathlib import Path
 
 import pytest
+from diffusers import FluxKontextPipeline, StableDiffusionInstructPix2PixPipeline
 
-import hub_models
+from nb_edit.methods import registry
+from nb_edit.standins import hub_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 KILLER = Path(__file__).with_name("kill_worker.py")
-STAGE_MODEL = {"npedit": "teacher_id", "multireward": "editor_id", "mtrl": "policy_id"}
+STAGE_MODEL = registry.MODEL_SETTING  # npedit: teacher_id, multireward: editor_id, mtrl: policy_id
 # checkpoints before the first one of the main stage: NP-Edit's copy warm-up saves one first
 FIRST_MAIN_CHECKPOINT = {"npedit": 2, "multireward": 1, "mtrl": 1}
-FAMILIES = tuple(hub_models.EDITOR_FAMILIES)
+FAMILIES = tuple(hub_layout.EDITOR_FAMILIES)
+STOCK_PIPELINES = {"flux_kontext": FluxKontextPipeline, "instruct_pix2pix": StableDiffusionInstructPix2PixPipeline}
 
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
     root = tmp_path_factory.mktemp("hub")
-    folders = {name: build(root / name) for name, build in hub_models.EDITOR_FAMILIES.items()}
-    folders["judge"] = hub_models.qwen_judge(root / "qwen2_5_vl")
+    folders = {name: build(root / name) for name, build in hub_layout.EDITOR_FAMILIES.items()}
+    folders["judge"] = hub_layout.qwen_judge(root / "qwen2_5_vl")
     return folders
 
 
@@ -68,6 +72,15 @@ def test_trainer_runs_the_full_code_path_is_killed_and_resumes(stage, family, hu
     assert (ckpt / "step_00000002").is_dir()
     assert "CPUFallbackWarning" in resumed.stderr  # the full profile's bf16, run in fp32 here
 
+    # the README's last command: the trained LoRA, read by the stock diffusers pipeline of that family
+    from nb_edit import cli
+
+    assert cli.main(["export", str(ckpt), "--to", str(tmp_path / "lora")]) == 0
+    pipe = STOCK_PIPELINES[family].from_pretrained(hub[family])
+    pipe.load_lora_weights(tmp_path / "lora")
+    denoiser = "transformer" if family == "flux_kontext" else "unet"
+    assert pipe.get_list_adapters().get(denoiser), pipe.get_list_adapters()
+
 
 def test_notebooks_05_to_07_run_under_papermill_with_the_full_profile(hub, env, tmp_path, monkeypatch):
     """``python -m nb_edit run -f <parameters>`` with ``profile: full`` and the hub-layout folders:
@@ -75,7 +88,6 @@ def test_notebooks_05_to_07_run_under_papermill_with_the_full_profile(hub, env, 
     evaluate it; the runs they trained are the ones notebook 08 would look for."""
     from nb_edit.core.config import RunSettings
     from nb_edit.data.world_datasets import shapesworld
-    from nb_edit.methods import registry
 
     unquantised = {"quantization": None}
     params = dict(profile="full", teacher_id=str(hub["flux_kontext"]), editor_clean_id=str(hub["instruct_pix2pix"]),
@@ -102,3 +114,52 @@ def test_notebooks_05_to_07_run_under_papermill_with_the_full_profile(hub, env, 
     assert len(found) == 13 and all(run.finished for run in found), [(r.name, r.status) for r in found]
     assert {run.config.profile for run in found} == {"full"}
     assert all(run.config.mixed_precision == "bf16" for run in found)  # the full profile's settings, held on CPU
+
+
+def test_gpu_trainer_check_runs_its_code_at_tiny_size(env, tmp_path, monkeypatch, capsys):
+    """``python -m nb_edit gpu-check --size tiny``: the real-size check's code (random hub-layout
+    models written, each trainer through ``train_stage`` with the full profile's settings, figures
+    recorded) on small models; on a GPU ``--size real`` runs the same with the hub architectures."""
+    from nb_edit import cli
+    from nb_edit.core import paths
+
+    for name in ("NB_EDIT_SMOKE", "NB_EDIT_CACHE"):
+        monkeypatch.setenv(name, env[name])
+    monkeypatch.setattr(paths, "runs_dir", lambda: tmp_path / "runs")
+    assert cli.main(["gpu-check", "--scratch", str(tmp_path / "scratch"), "--size", "tiny", "--run-id", "check"]) == 0
+    metrics = json.loads((tmp_path / "runs" / "check" / "metrics.json").read_text())
+    for stage in ("npedit", "multireward", "mtrl"):
+        assert metrics[f"gpu_check.{stage}.step_s"] > 0 and metrics[f"gpu_check.{stage}.run_s"] > 0
+    assert "gpu_check.npedit.step_s" in capsys.readouterr().out
+
+
+def test_the_gpu_checks_real_sizes_are_the_hub_architectures():
+    """The real-size configs of ``hub_layout`` (built on the meta device: no memory) have the
+    parameter counts of the hub models they stand for."""
+    import torch
+    from diffusers import AutoencoderKL, FluxTransformer2DModel, UNet2DConditionModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        T5Config,
+        T5EncoderModel,
+    )
+
+    def count(model):
+        return sum(p.numel() for p in model.parameters())
+
+    with torch.device("meta"):
+        sizes = {  # built -> the hub model's count
+            "FLUX.1-Kontext-dev transformer": (count(FluxTransformer2DModel(**hub_layout.KONTEXT_DIT_CONFIG)), 11.90e9),
+            "T5-XXL encoder": (count(T5EncoderModel(T5Config(**hub_layout.T5_XXL_ENCODER))), 4.76e9),
+            "InstructPix2Pix UNet": (count(UNet2DConditionModel(**hub_layout.IP2P_UNET_CONFIG)), 0.8595e9),
+            "FLUX.1 VAE": (count(AutoencoderKL(**hub_layout.FLUX_VAE_CONFIG)), 83.8e6),
+            "SD VAE": (count(AutoencoderKL(**hub_layout.SD_VAE_CONFIG)), 83.7e6),
+            "CLIP-L text": (count(CLIPTextModel(CLIPTextConfig(vocab_size=49408, **hub_layout.CLIP_L_TEXT))), 123.1e6),
+            "Qwen2.5-VL-7B": (count(Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**hub_layout.QWEN25_VL_7B))),
+                              8.29e9),
+        }
+    for name, (built, hub) in sizes.items():
+        assert abs(built / hub - 1) < 0.005, f"{name}: {built:,} parameters, the hub model has about {hub:,.0f}"

@@ -53,12 +53,15 @@ from torch import nn
 
 from nb_edit import world
 from nb_edit.core import paths
+from nb_edit.core.config import RunSettings
 from nb_edit.core.images import to_tensor
 from nb_edit.core.validation import SkipCounter
 from nb_edit.data.judge_qa import random_edit
+from nb_edit.data.world_datasets import shapesworld
 from nb_edit.flow.losses import flow_matching_loss
 from nb_edit.flow.pipeline import load_pipeline
 from nb_edit.flow.sampling import unroll_two_steps
+from nb_edit.methods import registry
 from nb_edit.methods.npedit.train import NPEditConfig, NPEditTrainer
 from nb_edit.models.editors import editing_base
 from nb_edit.models.loaders import load_editor, save_components
@@ -67,7 +70,9 @@ from nb_edit.models.text import build_tiny_text_encoder
 from nb_edit.models.vlm import questions
 from nb_edit.models.vlm.judge import LLAVA_IMAGE_TOKEN, VLMJudge
 from nb_edit.models.vlm.parsing import parse_yes_no
+from nb_edit.standins import hub_layout
 from nb_edit.standins.editors import PretrainConfig, build_teacher, world_tokenizer
+from nb_edit.standins.hub_layout import FLUX_LATENT_CHANNELS, KONTEXT_DIT_CONFIG
 from nb_edit.standins.judge import JudgeConfig, judge_tokenizer
 from nb_edit.training.loop import LoopConfig, make_optimizer
 
@@ -448,11 +453,7 @@ def format_table(metrics: dict[str, float]) -> str:
 BF16_PEAK_FLOPS = {"H200": 989.4e12, "H100 PCIe": 756.0e12, "H100": 989.4e12, "A100": 312.0e12,
                    "L40S": 362.05e12, "L4": 121.0e12, "A10G": 70.0e12, "A10": 125.0e12, "RTX 4090": 165.2e12}
 
-# FLUX.1-Kontext-dev's transformer/config.json, written out (no download needed for random weights).
-KONTEXT_DIT_CONFIG = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                          num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
-                          guidance_embeds=True, axes_dims_rope=(16, 56, 56))
-KONTEXT_LATENT_CHANNELS = 16
+KONTEXT_LATENT_CHANNELS = FLUX_LATENT_CHANNELS
 
 
 def bf16_peak_flops(name: str) -> float | None:
@@ -626,3 +627,64 @@ def run_gpu_benchmarks(scratch: Path | None = None, repeats: int = 3, warmup: in
         forward_flops = 2 * (_linear_params(language) * tokens + _linear_params(vision) * vision_tokens)
         metrics["bench.gpu_judge_mfu"] = forward_flops * metrics["bench.gpu_judge_yesno_per_s"] / peak
     return metrics, {**info, "bf16_peak_flops": str(peak)}
+
+
+# ------------------------------------------------------------------------------------ trainer check
+# each paper's own editor family: NP-Edit and MT-EditFlow on FLUX.1-Kontext, Multi-Reward on InstructPix2Pix
+TRAINER_CHECK = {"npedit": "flux_kontext", "multireward": "instruct_pix2pix", "mtrl": "flux_kontext"}
+CHECK_SCENES = 64  # training scenes of the check's data (its cost is the steps', not the data's)
+
+
+def run_gpu_trainer_check(scratch: Path, size: str = "real", steps: int = 2, pairs: dict[str, str] | None = None,
+                          overrides: dict | None = None, progress: Callable[[str], None] | None = print,
+                          ) -> tuple[dict[str, float], dict[str, str]]:
+    """The three trainers, each through ``python -m nb_edit train``'s path (``registry.train_stage``)
+    with the full profile's settings (NF4 bases, bf16, LoRA, 8-bit AdamW, gradient checkpointing,
+    its batch sizes and resolution) for ``steps`` steps on random models of the hub
+    architectures (``standins.hub_layout``, ``size="real"``: a 12B FLUX.1-Kontext transformer with
+    T5-XXL, SD 1.5's InstructPix2Pix UNet, a Qwen2.5-VL-7B judge; about 55 GB written once to
+    ``scratch``). Records per stage: median step seconds, peak GPU memory, load-and-train seconds.
+
+    ``size="tiny"`` with ``overrides={"quantization": None}`` runs the same code on a CPU (the
+    test). Real size without CUDA returns ``({}, {"skipped": why})``.
+    """
+    if size == "real" and not torch.cuda.is_available():
+        return {}, {"skipped": "no CUDA device: the real-size trainer check needs one"}
+    say = progress or (lambda message: None)
+    pairs = pairs or TRAINER_CHECK
+    scratch = Path(scratch)
+    settings = RunSettings.for_profile("full")
+    folders: dict[str, Path] = {}
+    for family in sorted(set(pairs.values())):
+        folder = scratch / f"{family}_{size}"
+        if not (folder / "model_index.json").exists():
+            say(f"gpu check: writing a random {family} ({size}) to {folder}")
+            hub_layout.EDITOR_FAMILIES[family](folder, size=size)
+        folders[family] = folder
+    judge = scratch / f"qwen2_5_vl_{size}"
+    if not (judge / "config.json").exists():
+        say(f"gpu check: writing a random Qwen2.5-VL judge ({size}) to {judge}")
+        hub_layout.qwen_judge(judge, size=size, image_size=settings.resolution)
+    data = shapesworld(settings.replace(n_train_scenes=min(settings.n_train_scenes, CHECK_SCENES),
+                                        n_sequences=min(settings.n_sequences, CHECK_SCENES // 4)), seed=0)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    metrics: dict[str, float] = {}
+    for stage, family in pairs.items():
+        say(f"gpu check: {stage} on {family}, {steps} steps")
+        cfg = registry.stage_config(stage, "full", {registry.MODEL_SETTING[stage]: str(folders[family]),
+                                                    "judge_id": str(judge), "steps": steps, "checkpoint_every": steps,
+                                                    **({"curve_every": 0} if stage == "npedit" else {}),
+                                                    **(overrides or {})})
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        _, history = registry.train_stage(stage, cfg, data, scratch / "runs" / f"{stage}_{family}_{size}")
+        key = f"gpu_check.{stage}"
+        metrics[f"{key}.run_s"] = time.perf_counter() - start
+        metrics[f"{key}.step_s"] = statistics.median(h["step_s"] for h in history if "loss_copy" not in h)
+        if device.type == "cuda":
+            metrics[f"{key}.peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1024**3
+        del history
+        gc.collect()
+    return metrics, {**device_info(device), "size": size, "pairs": ", ".join(f"{k}={v}" for k, v in pairs.items())}

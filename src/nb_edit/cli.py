@@ -7,14 +7,17 @@
                notebooks) or ``--overwrite`` is given;
 * ``report``   - rewrite the report of an existing run (``--to docs/results.md`` for the results page);
 * ``publish``  - copy a run's executed notebooks into ``notebooks/`` (what ``make notebooks`` calls);
-* ``train``    - one training stage from the command line (``accelerate launch`` / ``torchrun`` ready);
-               every ``--set NAME=VALUE`` is checked against the stage's config before anything loads;
+* ``train``    - one run of ``npedit``, ``multireward`` or ``mtrl`` (``accelerate launch`` / ``torchrun``
+               ready); every ``--set NAME=VALUE`` is checked against the stage's config before
+               anything loads; a killed run resumes from its newest checkpoint when started again;
 * ``pretrain`` - make the tiny stand-ins for hub models shipped in ``data/pretrained/``
                  (what ``make pretrain`` calls; each part is skipped when already made);
 * ``export``   - a run's LoRA as diffusers LoRA weights that the stock pipeline's
                  ``load_lora_weights`` reads (Multi-Reward's condition module beside them);
 * ``bench``    - time the project's fast paths against the plain way (``nb_edit.bench``),
-                 print a table and optionally record the ``bench.*`` metrics into a run.
+                 print a table and optionally record the ``bench.*`` metrics into a run;
+* ``gpu-check`` - the three trainers at real sizes with random weights on one GPU: step time and
+                 peak memory (``gpu_check.*``), ``--size tiny`` for the same code on a CPU.
 
 A bad input (an unknown parameter, a value of the wrong type, a run id in use...) ends the
 command with a message naming it and the fix on stderr, and exit code 2.
@@ -374,6 +377,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gpu_check(args: argparse.Namespace) -> int:
+    from nb_edit import bench  # lazy: torch and the models; `run` and `report` need neither
+
+    scratch = Path(args.scratch)
+    scratch.mkdir(parents=True, exist_ok=True)
+    overrides = {"quantization": None} if args.size == "tiny" and not __import__("torch").cuda.is_available() else None
+    metrics, device = bench.run_gpu_trainer_check(scratch, size=args.size, steps=args.steps, overrides=overrides)
+    if not metrics:
+        print(f"gpu-check: skipped ({device.get('skipped')})")
+        return 1
+    print(bench.format_table(metrics))
+    print("device: " + ", ".join(f"{k}={v}" for k, v in device.items()))
+    if args.run_id:
+        run = runs.open_run(args.run_id)
+        runs.record_metrics(run, metrics)
+        print(f"recorded {len(metrics)} metrics into {run.metrics_path}")
+    return 0
+
+
 def train_config(stage: str, profile: str, items: list[str]):
     """The stage's config with the ``--set NAME=VALUE`` items, checked against its fields and
     types (:func:`nb_edit.core.config.parse_overrides`); raises :class:`BadInputError`."""
@@ -485,6 +507,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="config setting (repeatable), checked against the stage's config before anything loads")
     tr.add_argument("--ckpt-dir", default=None, help="checkpoint folder (default: keyed in the cache)")
     tr.set_defaults(func=cmd_train)
+    gpu = sub.add_parser("gpu-check", help="the three trainers at real sizes with random weights on one GPU: "
+                         "step time and peak memory")
+    gpu.add_argument("--scratch", required=True, help="folder for the random models (about 55 GB at real size)")
+    gpu.add_argument("--size", default="real", choices=["real", "tiny"], help="tiny: the same code on small models")
+    gpu.add_argument("--steps", type=int, default=2, help="training steps per trainer")
+    gpu.add_argument("--run-id", default=None, help="also record the figures into papermill_runs/<run-id>/metrics.json")
+    gpu.set_defaults(func=cmd_gpu_check)
     exp = sub.add_parser("export", help="write a run's LoRA for the stock diffusers pipelines (load_lora_weights)")
     exp.add_argument("checkpoint", help="a run's checkpoint folder (holding step_* folders) or one step_* folder")
     exp.add_argument("--to", required=True, help="output folder: pytorch_lora_weights.safetensors (+ reward condition)")

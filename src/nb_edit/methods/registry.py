@@ -34,11 +34,13 @@ from nb_edit.models.vlm.judge import VLMJudge
 from nb_edit.rewards.single_turn import JudgeReward, annotate_rewards
 from nb_edit.training.checkpoint import STEP_PREFIX, latest_checkpoint
 
-__all__ = ["MTRL_VARIANTS", "MULTIREWARD_VARIANTS", "NPEDIT_VARIANTS", "STAGES", "TrainedRun", "annotated_triplets",
-           "mtrl_configs", "multireward_configs", "npedit_configs", "reward_annotations", "run_dir", "train_stage",
-           "trained_runs"]
+__all__ = ["MODEL_SETTING", "MTRL_VARIANTS", "MULTIREWARD_VARIANTS", "NPEDIT_VARIANTS", "STAGES", "TrainedRun",
+           "annotated_triplets", "mtrl_configs", "multireward_configs", "npedit_configs", "reward_annotations",
+           "run_dir", "stage_config", "train_stage", "trained_runs"]
 
 STAGES = ("npedit", "multireward", "mtrl")
+# the setting that names the model a stage starts from
+MODEL_SETTING = {"npedit": "teacher_id", "multireward": "editor_id", "mtrl": "policy_id"}
 NOTEBOOK = {"npedit": "05_npedit", "multireward": "06_multi_reward", "mtrl": "07_multiturn_rl"}
 NPEDIT_VARIANTS = ("full", "dmd_only", "vlm_only", "no_identity", "full_vocab")  # the paper's ablations
 MULTIREWARD_VARIANTS = ("noreward", "reward")
@@ -177,6 +179,15 @@ def annotated_triplets(data: dict, cfg: MultiRewardConfig):
                                          dtype=place.dtype, device=place.device).freeze()
         annotated = annotate_rewards(data["noisy"].split("train"), JudgeReward(judge), folder)
     return folder, annotated
+
+
+def stage_config(stage: str, profile: str, settings: dict | None = None):
+    """One run's configuration of ``stage`` (``npedit``, ``multireward``, ``mtrl``) in ``profile``
+    with ``settings`` (an override of None sets None, as in the notebooks' overrides)."""
+    configs = {"npedit": NPEditConfig, "multireward": MultiRewardConfig, "mtrl": MTRLConfig}
+    if stage not in configs:
+        raise ValueError(f"stage {stage!r} is unknown; use one of {', '.join(STAGES)}.")
+    return _configured(configs[stage], profile, {}, settings)
 
 
 def train_stage(stage: str, cfg, data: dict, ckpt_dir: Path | None = None):

@@ -419,3 +419,25 @@ def test_trained_runs_finds_runs_made_with_each_notebooks_overrides(smoke_data):
         assert cfg == MultiRewardConfig.for_profile("smoke", variant=variant, seed=0, editor_id="", **overrides)
         assert (cfg.steps, cfg.lora_rank, cfg.lr) == (7, 0, 2e-4)
         assert plain[f"multireward_{variant}"].config.lora_rank != 0  # without overrides: the notebook's defaults
+
+
+def test_copy_editor_is_the_floor_preserving_all_and_following_only_noop():
+    """The copy baseline (output = input): the oracle finds every edit preserved and followed
+    only where the instruction was "do nothing"; its figures come with 95% intervals."""
+    from nb_edit.data.judge_qa import random_edit
+
+    cfg = world.WorldConfig()
+    rng = np.random.default_rng(0)
+    edits = [random_edit(world.sample_scene(rng, cfg), rng, cfg) for _ in range(60)]
+    sources = harness.render_sources(edits, cfg)
+    outputs = harness.run_editor(harness.CopyEditor(), sources, [e.instruction for e in edits], batch=16)
+    assert np.array_equal(outputs, sources)
+    scores = harness.oracle_scores(sources, edits, outputs, cfg)
+    assert scores["preserved"].all()
+    noop = np.array([e.edit_type == "noop" for e in edits])
+    assert noop.any() and np.array_equal(scores["followed"].astype(bool), noop)
+    summary = harness.mean_scores(scores, "models.copy")
+    mean, low, high = (summary[f"models.copy.oracle_success{end}"] for end in ("", ".ci_low", ".ci_high"))
+    assert mean == pytest.approx(noop.mean()) and low <= mean <= high and low < high
+    with pytest.raises(BadInputError, match="uint8"):
+        harness.CopyEditor().edit(sources.astype(np.float32), [e.instruction for e in edits])

@@ -87,13 +87,38 @@ def oracle_scores(sources: np.ndarray, edits: Sequence[world.Edit], outputs: np.
             "success": np.array([v.success for v in verdicts], dtype=float)}
 
 
-def mean_scores(scores: dict[str, np.ndarray], prefix: str) -> dict[str, float]:
-    return {f"{prefix}.oracle_{k}": float(np.mean(v)) for k, v in scores.items()}
+def mean_scores(scores: dict[str, np.ndarray], prefix: str, n_boot: int = 1000, seed: int = 0) -> dict[str, float]:
+    """``{prefix.oracle_<key>: mean, ....ci_low, ....ci_high}``: each oracle figure with its 95%
+    percentile-bootstrap interval over the test items."""
+    out = {}
+    for key, values in scores.items():
+        interval = bootstrap_ci(np.asarray(values, dtype=float), n_boot=n_boot, seed=seed)
+        out[f"{prefix}.oracle_{key}"] = interval.mean
+        out[f"{prefix}.oracle_{key}.ci_low"], out[f"{prefix}.oracle_{key}.ci_high"] = interval.low, interval.high
+    return out
 
 
 def per_type(scores: dict[str, np.ndarray], edits: Sequence[world.Edit], key: str = "success") -> dict[str, float]:
     types = np.array([e.edit_type for e in edits])
     return {t: float(scores[key][types == t].mean()) for t in sorted(set(types))}
+
+
+class CopyEditor:
+    """The baseline beside every editor: its output is its input, unchanged.
+
+    It preserves everything and follows no instruction (except "do nothing"), so an editor's
+    success means something only above the copy's. Takes the same arguments as
+    ``EditPipeline.edit`` and ignores all but the sources.
+    """
+
+    def edit(self, sources, instructions: Sequence[str], steps: int = 4, seed: int = 0, guidance: float = 1.0,
+             **_ignored: Any) -> np.ndarray:
+        sources = np.asarray(sources)
+        if sources.ndim != 4 or sources.shape[-1] != 3 or sources.dtype != np.uint8 or len(instructions) != len(sources):
+            raise BadInputError("CopyEditor.edit(sources, instructions)", f"got sources {sources.shape} "
+                                f"{sources.dtype} and {len(instructions)} instructions",
+                                "pass uint8 images (N, H, W, 3) and one instruction each")
+        return sources.copy()
 
 
 @torch.no_grad()

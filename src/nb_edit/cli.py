@@ -358,6 +358,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_and_record(table: str, metrics: dict[str, float], device: dict[str, str], run_id: str | None) -> None:
+    """Print a benchmark's table and device, and record its figures into run ``run_id`` if given."""
+    print(table)
+    print("device: " + ", ".join(f"{k}={v}" for k, v in device.items()))
+    if run_id:
+        run = runs.open_run(run_id)
+        runs.record_metrics(run, metrics)
+        print(f"recorded {len(metrics)} metrics into {run.metrics_path}")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from nb_edit import bench  # lazy: torch and the models; `run` and `report` need neither
 
@@ -368,12 +378,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         gpu_metrics, gpu_device = bench.run_gpu_benchmarks(repeats=args.repeats, warmup=args.warmup)
         metrics.update(gpu_metrics)
         device.update({f"gpu_{k}": v for k, v in gpu_device.items()})
-    print(bench.format_table(metrics))
-    print("device: " + ", ".join(f"{k}={v}" for k, v in device.items()))
-    if args.run_id:
-        run = runs.open_run(args.run_id)
-        runs.record_metrics(run, metrics)
-        print(f"recorded {len(metrics)} metrics into {run.metrics_path}")
+    _show_and_record(bench.format_table(metrics), metrics, device, args.run_id)
     return 0
 
 
@@ -387,31 +392,20 @@ def cmd_gpu_check(args: argparse.Namespace) -> int:
     if not metrics:
         print(f"gpu-check: skipped ({device.get('skipped')})")
         return 1
-    print(bench.format_table(metrics))
-    print("device: " + ", ".join(f"{k}={v}" for k, v in device.items()))
-    if args.run_id:
-        run = runs.open_run(args.run_id)
-        runs.record_metrics(run, metrics)
-        print(f"recorded {len(metrics)} metrics into {run.metrics_path}")
+    _show_and_record(bench.format_table(metrics), metrics, device, args.run_id)
     return 0
 
 
 def train_config(stage: str, profile: str, items: list[str]):
     """The stage's config with the ``--set NAME=VALUE`` items, checked against its fields and
     types (:func:`nb_edit.core.config.parse_overrides`); raises :class:`BadInputError`."""
-    from nb_edit.methods.mtrl.train import MTRLConfig  # lazy: torch and the models; `run` and `report` need neither
-    from nb_edit.methods.multireward.train import MultiRewardConfig  # lazy: as above
-    from nb_edit.methods.npedit.train import NPEditConfig  # lazy: as above
+    from nb_edit.methods.registry import STAGE_CONFIGS, stage_config  # lazy: torch and the models; `run` needs neither
 
-    configs = {"npedit": NPEditConfig, "multireward": MultiRewardConfig, "mtrl": MTRLConfig}
-    if stage not in configs:
-        raise BadInputError(f"train {stage}", "there is no such stage", f"use one of {', '.join(configs)}")
-    cls = configs[stage]
-    overrides = parse_overrides(cls, items)
-    # for_profile reads None as "the profile's value"; an explicit `--set x=null` means None
-    nones = {k: v for k, v in overrides.items() if v is None}
-    try:
-        return cls.for_profile(profile, **overrides).replace(**nones)
+    if stage not in STAGE_CONFIGS:
+        raise BadInputError(f"train {stage}", "there is no such stage", f"use one of {', '.join(STAGE_CONFIGS)}")
+    overrides = parse_overrides(STAGE_CONFIGS[stage], items)
+    try:  # an explicit `--set x=null` sets None (registry.stage_config), not "the profile's value"
+        return stage_config(stage, profile, overrides)
     except (TypeError, ValueError) as error:  # the config's own checks (e.g. an unknown variant)
         given = " ".join([f"--profile {profile}"] + [f"--set {item}" for item in items])
         raise BadInputError(f"train {stage} {given}", str(error).rstrip("."), "change the value it names") from None

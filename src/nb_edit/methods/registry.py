@@ -34,11 +34,13 @@ from nb_edit.models.vlm.judge import VLMJudge
 from nb_edit.rewards.single_turn import JudgeReward, annotate_rewards
 from nb_edit.training.checkpoint import STEP_PREFIX, latest_checkpoint
 
-__all__ = ["MODEL_SETTING", "MTRL_VARIANTS", "MULTIREWARD_VARIANTS", "NPEDIT_VARIANTS", "STAGES", "TrainedRun",
+__all__ = ["MODEL_SETTING", "MTRL_VARIANTS", "MULTIREWARD_VARIANTS", "NPEDIT_VARIANTS", "STAGES", "STAGE_CONFIGS",
+           "TrainedRun",
            "annotated_triplets", "mtrl_configs", "multireward_configs", "npedit_configs", "reward_annotations",
            "run_dir", "stage_config", "train_stage", "trained_runs"]
 
 STAGES = ("npedit", "multireward", "mtrl")
+STAGE_CONFIGS = {"npedit": NPEditConfig, "multireward": MultiRewardConfig, "mtrl": MTRLConfig}
 # the setting that names the model a stage starts from
 MODEL_SETTING = {"npedit": "teacher_id", "multireward": "editor_id", "mtrl": "policy_id"}
 NOTEBOOK = {"npedit": "05_npedit", "multireward": "06_multi_reward", "mtrl": "07_multiturn_rl"}
@@ -184,10 +186,9 @@ def annotated_triplets(data: dict, cfg: MultiRewardConfig):
 def stage_config(stage: str, profile: str, settings: dict | None = None):
     """One run's configuration of ``stage`` (``npedit``, ``multireward``, ``mtrl``) in ``profile``
     with ``settings`` (an override of None sets None, as in the notebooks' overrides)."""
-    configs = {"npedit": NPEditConfig, "multireward": MultiRewardConfig, "mtrl": MTRLConfig}
-    if stage not in configs:
+    if stage not in STAGE_CONFIGS:
         raise ValueError(f"stage {stage!r} is unknown; use one of {', '.join(STAGES)}.")
-    return _configured(configs[stage], profile, {}, settings)
+    return _configured(STAGE_CONFIGS[stage], profile, {}, settings)
 
 
 def train_stage(stage: str, cfg, data: dict, ckpt_dir: Path | None = None):

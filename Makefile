@@ -48,8 +48,9 @@ notebooks: $(STAMP)
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
 
+# WORLD=small makes the stand-ins for another world of the ladder than the profile's
 pretrain: $(STAMP)
-	$(PY) -m nb_edit pretrain
+	$(PY) -m nb_edit pretrain $(if $(WORLD),--world $(WORLD))
 
 clean-cache:
 	rm -rf data/cache

@@ -141,6 +141,21 @@ def test_judge_figures_by_hand(bench):
     assert "oracle_success" not in per and "untouched_l1" not in per  # no truth on this benchmark
 
 
+def test_judge_accuracy_on_an_editors_outputs_beside_the_constant_answer(bench):
+    # the stub judge always says "followed" and never "preserved"; a copy is preserved everywhere
+    # and follows only "do nothing": the judge is right on 1 of 11 followed questions and on none
+    # of the preserved ones, where a constant "no" / "yes" would be right on 10 of 11 / all
+    result = harness.evaluate(CopyEditor(), bench, StubJudge(), method="copy", n_boot=20)
+    accuracy = harness.judge_accuracy(result)
+    n = len(bench)
+    assert accuracy == pytest.approx({"acc_followed": 1 / n, "constant_followed": (n - 1) / n,
+                                      "acc_preserved": 0.0, "constant_preserved": 1.0})
+    perfect = harness.evaluate(_oracle_for(bench), bench, StubJudge(), method="oracle", n_boot=20)
+    assert harness.judge_accuracy(perfect)["acc_followed"] == 1.0  # every target follows, the stub says yes
+    with pytest.raises(BadInputError, match="evaluate with a reward"):
+        harness.judge_accuracy(harness.evaluate(CopyEditor(), bench, method="copy", n_boot=20))
+
+
 @pytest.mark.bad_input
 def test_bad_outputs_and_benchmarks_are_named(bench):
     with pytest.raises(BadInputError, match="outputs.*one edited uint8 image"):

@@ -306,3 +306,30 @@ def test_sample_edit_of_type_names_a_type_the_world_forbids():
     one_object = WorldConfig(min_objects=1, max_objects=1)
     with pytest.raises(ValueError, match="no 'count' edit"):
         sample_edit_of_type(rng, one_object, "count", max_scenes=20)
+
+
+def test_the_ladder_of_worlds_and_their_edit_types():
+    from nb_edit.world import DEFAULT_WORLD, WORLDS, preset
+
+    assert preset() == preset(DEFAULT_WORLD) and preset("rich") == WorldConfig()
+    small = preset("small")
+    # the small world: up to 2 objects, plain colours, at least six edits beside "do nothing",
+    # among them add, remove, colour, replace and a global one
+    assert small.max_objects == 2 and small.textures == ("solid",) and small.styles == ("normal",)
+    assert {"add", "remove", "colour", "replace", "background"} <= set(small.edit_types)
+    assert len(set(small.edit_types) - {"noop"}) >= 6
+    for name in WORLDS:
+        cfg = preset(name)
+        assert WorldConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+        rng = np.random.default_rng(0)
+        drawn = {sample_edit(sample_scene(rng, cfg), rng, cfg).edit_type for _ in range(300)}
+        assert drawn == set(cfg.edit_types), name  # every chosen type is drawn, no other
+        chain = sample_chain(sample_scene(rng, cfg), rng, cfg, n_turns=2) if name != "toy" else []
+        assert all(e.edit_type in cfg.edit_types for e in chain)
+    with pytest.raises(ValueError, match="not among this world's edit_types"):
+        sample_edit_of_type(np.random.default_rng(0), small, "texture")
+    with pytest.raises(ValueError, match="unknown; choose one of"):
+        preset("huge")
+    with pytest.raises(ValueError, match="edit_types"):
+        WorldConfig(edit_types=("add", "rotate"))
+    assert preset("small", max_objects=1).max_objects == 1

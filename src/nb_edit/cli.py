@@ -347,7 +347,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from nb_edit.standins import pretrain  # lazy: torch and the models; `run` and `report` need neither
 
     pretrain.run(parts=args.only.split(",") if args.only else None, profile=args.profile,
-                     force=args.force, seed=args.seed, num_threads=args.threads)
+                 force=args.force, seed=args.seed, num_threads=args.threads, world_name=args.world,
+                 root=Path(args.to) if args.to else None)
     return 0
 
 
@@ -430,6 +431,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                 shapesworld(settings, seed=0)
             dist.barrier()
         data = shapesworld(settings, seed=0)
+        if hasattr(cfg, "world"):  # the world of the profile's data
+            cfg = cfg.replace(world=data["world_cfg"].to_dict())
         _, history = train_stage(args.stage, cfg, data, Path(args.ckpt_dir) if args.ckpt_dir else None)
         warm = sum("loss_copy" in h for h in history)
         last = {k: round(float(v), 6) for k, v in history[-1].items() if k.startswith("loss")} if history else {}
@@ -482,6 +485,9 @@ def main(argv: list[str] | None = None) -> int:
     pre.add_argument("--profile", default="tiny", help="tiny (shipped sizes) or smoke (seconds, for tests)")
     pre.add_argument("--force", action="store_true", help="remake parts that already exist")
     pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--world", default=None, help="the ladder's world to pretrain on (toy, small, rich; "
+                     "default: the profile's)")
+    pre.add_argument("--to", default=None, help="folder to write the stand-ins into (default data/pretrained)")
     pre.add_argument("--threads", type=int, default=None,
                      help="torch CPU threads (default 2; 1 is faster when the cores are shared)")
     pre.set_defaults(func=cmd_pretrain)

@@ -173,6 +173,9 @@ class RunSettings(StageConfig):
 
     device: str = "auto"
     mixed_precision: str = "no"  # "no" | "bf16" | "fp16"; used on GPUs only
+    # the ladder's world (``world.WORLDS``: toy, small, rich) the run's data are drawn from; the
+    # stand-ins in data/pretrained/ are made for it (``make pretrain`` reads it from here)
+    world: str = "rich"
     resolution: int = 32  # image side in pixels
     n_eval: int = 256  # held-out test edits per evaluation
     n_probe: int = 500  # items for quick measurements (oracle parse accuracy, ...)

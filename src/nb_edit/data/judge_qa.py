@@ -45,10 +45,10 @@ def random_edit(scene: world.Scene, rng: np.random.Generator, cfg: world.WorldCo
     """A valid edit of a uniformly drawn type that is possible for ``scene``."""
     for _ in range(20):
         try:
-            return world.sample_edit(scene, rng, cfg, str(rng.choice(world.EDIT_TYPES)))
+            return world.sample_edit(scene, rng, cfg, str(rng.choice(cfg.edit_types)))
         except ValueError:  # impossible for this scene: draw another type
             continue
-    return world.sample_edit(scene, rng, cfg, "noop")
+    return world.sample_edit(scene, rng, cfg)  # every type in turn
 
 
 def candidate_output(edit: world.Edit, kind: str, rng: np.random.Generator, cfg: world.WorldConfig) -> np.ndarray:

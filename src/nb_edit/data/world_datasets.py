@@ -31,8 +31,9 @@ def dataset_root(settings: Any, seed: int, filter_name: str, cfg: world.WorldCon
 
 def shapesworld(settings: Any, seed: int = 0, validity_filter: ValidityFilter | None = None,
                 filter_name: str = "oracle", cfg: world.WorldConfig | None = None) -> dict[str, Any]:
-    """Every ShapesWorld dataset for ``settings`` (a :class:`~nb_edit.core.config.RunSettings`)."""
-    cfg = cfg or world.WorldConfig()
+    """Every ShapesWorld dataset for ``settings`` (a :class:`~nb_edit.core.config.RunSettings`), in
+    the world ``settings.world`` names (or ``cfg``); ``["world_cfg"]`` is that world's config."""
+    cfg = cfg or world.preset(settings.world)
     root = dataset_root(settings, seed, filter_name, cfg)
     names = ("unpaired", "paired", "noisy", "multiturn", "test")
     if not (root / DONE).exists():
@@ -49,6 +50,7 @@ def shapesworld(settings: Any, seed: int = 0, validity_filter: ValidityFilter | 
     out: dict[str, Any] = {name: read_dataset(root / name) for name in names}
     out["curation_metrics"] = json.loads((root / "curation.json").read_text())
     out["root"] = root
+    out["world_cfg"] = cfg
     return out
 
 
@@ -59,7 +61,7 @@ def multiturn_test(settings: Any, n: int | None = None, cfg: world.WorldConfig |
     under ``data/cache/shapesworld/`` and leaves the training datasets, and the checkpoints keyed
     on them, as they are (a larger test set measures rare events, such as three turns in a row
     right, that ``n_test_sequences`` is too small to see)."""
-    cfg = cfg or world.WorldConfig()
+    cfg = cfg or world.preset(settings.world)
     n = settings.n_test_sequences if n is None else n
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"multiturn_test: n={n!r} test sequences; pass a positive integer (or None for "

@@ -398,6 +398,25 @@ class EvalResult:
         return out
 
 
+def judge_accuracy(result: EvalResult) -> dict[str, float]:
+    """How often the judge's yes/no agrees with the oracle on one editor's outputs (``result`` of
+    :func:`evaluate` with a reward, on a benchmark with the truth): ``acc_followed`` /
+    ``acc_preserved``, beside ``constant_followed`` / ``constant_preserved``, what the better
+    constant answer scores on the same outputs (a judge below it has learnt nothing about them)."""
+    out: dict[str, float] = {}
+    for question, judged_key, truth_key in (("followed", "following_yes", "oracle_followed"),
+                                            ("preserved", "preserving_yes", "oracle_preserved")):
+        if judged_key not in result.per_item or truth_key not in result.per_item:
+            raise BadInputError(f"{result.method} on {result.benchmark}", f"has no {judged_key} or {truth_key}",
+                                "evaluate with a reward on a benchmark whose edits the oracle knows")
+        judged, truth = np.asarray(result.per_item[judged_key], float), np.asarray(result.per_item[truth_key], float)
+        keep = np.isfinite(judged) & np.isfinite(truth)
+        yes_rate = float(np.mean(truth[keep] > 0.5))
+        out[f"acc_{question}"] = float(np.mean((judged[keep] > 0.5) == (truth[keep] > 0.5)))
+        out[f"constant_{question}"] = max(yes_rate, 1.0 - yes_rate)
+    return out
+
+
 def score_outputs(bench: Benchmark, outputs: np.ndarray, reward=None, method: str = "outputs", n_boot: int = 1000,
                   seed: int = 0, batch: int = 64) -> EvalResult:
     """Score given outputs on ``bench``: oracle and untouched L1 where the truth is known, target L1

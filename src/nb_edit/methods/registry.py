@@ -122,10 +122,13 @@ def _variant_names(wanted: str | Sequence[str], known: Sequence[str], stage: str
     return names
 
 
-def _configured(cls, profile: str, settings: dict, overrides: dict | None):
+def _configured(cls, profile: str, settings: dict, overrides: dict | None, world_cfg=None):
     """``cls.for_profile(profile, **settings, **overrides)``; an override of None sets None
-    (``quantization: null`` loads the bases unquantised) instead of meaning "the profile's value"."""
+    (``quantization: null`` loads the bases unquantised) instead of meaning "the profile's value".
+    ``world_cfg`` (the data's world) fills a ``world`` setting the class has."""
     overrides = dict(overrides or {})
+    if world_cfg is not None and "world" in setting_types(cls):
+        settings = {**settings, "world": world_cfg.to_dict()}
     unknown = sorted(set(overrides) - set(setting_types(cls)))
     if unknown:
         raise BadInputError(f"overrides {unknown}", f"{cls.__name__} has no such settings",
@@ -135,11 +138,13 @@ def _configured(cls, profile: str, settings: dict, overrides: dict | None):
 
 
 def npedit_configs(profile: str, *, seed: int = 0, steps: int = 0, teacher_id: str = "", judge_id: str = "",
-                   variants: str | Sequence[str] = "", overrides: dict | None = None) -> dict[str, NPEditConfig]:
+                   variants: str | Sequence[str] = "", overrides: dict | None = None,
+                   world_cfg=None) -> dict[str, NPEditConfig]:
     """Notebook 05's runs: variant name -> configuration (``variants`` "" means every ablation);
-    ``overrides`` are more ``NPEditConfig`` settings and win over ``steps``."""
+    ``overrides`` are more ``NPEditConfig`` settings and win over ``steps``; ``world_cfg`` is the
+    data's world (``shapesworld(settings)["world_cfg"]``, default the rich world)."""
     settings = dict(teacher_id=teacher_id, judge_id=judge_id, seed=seed, steps=steps or None)
-    return {v: _configured(NPEditConfig, profile, {**settings, "variant": v}, overrides)
+    return {v: _configured(NPEditConfig, profile, {**settings, "variant": v}, overrides, world_cfg)
             for v in _variant_names(variants, NPEDIT_VARIANTS, "npedit")}
 
 
@@ -152,10 +157,11 @@ def multireward_configs(profile: str, *, seed: int = 0, steps: int = 0, editor_i
 
 
 def mtrl_configs(profile: str, *, seed: int = 0, steps: int = 0, policy_id: str = "",
-                 judge_id: str = "", overrides: dict | None = None) -> dict[str, MTRLConfig]:
-    """Notebook 07's runs: variant name -> configuration; ``overrides`` as in :func:`npedit_configs`."""
+                 judge_id: str = "", overrides: dict | None = None, world_cfg=None) -> dict[str, MTRLConfig]:
+    """Notebook 07's runs: variant name -> configuration; ``overrides`` and ``world_cfg`` as in
+    :func:`npedit_configs`."""
     settings = dict(seed=seed, policy_id=policy_id, judge_id=judge_id, steps=steps or None)
-    return {name: _configured(MTRLConfig, profile, {**settings, **variant}, overrides)
+    return {name: _configured(MTRLConfig, profile, {**settings, **variant}, overrides, world_cfg)
             for name, variant in MTRL_VARIANTS.items()}
 
 
@@ -183,12 +189,13 @@ def annotated_triplets(data: dict, cfg: MultiRewardConfig):
     return folder, annotated
 
 
-def stage_config(stage: str, profile: str, settings: dict | None = None):
+def stage_config(stage: str, profile: str, settings: dict | None = None, world_cfg=None):
     """One run's configuration of ``stage`` (``npedit``, ``multireward``, ``mtrl``) in ``profile``
-    with ``settings`` (an override of None sets None, as in the notebooks' overrides)."""
+    with ``settings`` (an override of None sets None, as in the notebooks' overrides) on the data
+    of ``world_cfg``."""
     if stage not in STAGE_CONFIGS:
         raise ValueError(f"stage {stage!r} is unknown; use one of {', '.join(STAGES)}.")
-    return _configured(STAGE_CONFIGS[stage], profile, {}, settings)
+    return _configured(STAGE_CONFIGS[stage], profile, {}, settings, world_cfg)
 
 
 def train_stage(stage: str, cfg, data: dict, ckpt_dir: Path | None = None):
@@ -197,6 +204,11 @@ def train_stage(stage: str, cfg, data: dict, ckpt_dir: Path | None = None):
     ``python -m nb_edit train`` runs. Returns (the trained editor's pipeline, the loop's history)."""
     if stage not in STAGES:
         raise ValueError(f"stage {stage!r} is unknown; use one of {', '.join(STAGES)}.")
+    data_world = data["world_cfg"].to_dict()
+    if getattr(cfg, "world", data_world) != data_world:
+        raise BadInputError(f"the {stage} config's world", "it differs from the world of the data it would train on",
+                            "build the config with the data's world (registry.stage_config(..., "
+                            "world_cfg=data['world_cfg']))")
     if stage == "npedit":
         return train_npedit(cfg, data["unpaired"], Path(ckpt_dir or run_dir(stage, cfg, data["root"])))
     if stage == "multireward":
@@ -221,7 +233,7 @@ def trained_runs(profile: str, seed: int, data: dict, *, steps: int = 0, judge_i
     runs: list[TrainedRun] = []
     if "npedit" in stages:
         configs = npedit_configs(profile, seed=seed, steps=steps, teacher_id=teacher_id, judge_id=judge_id,
-                                 overrides=npedit_overrides)
+                                 overrides=npedit_overrides, world_cfg=data["world_cfg"])
         for variant, cfg in configs.items():
             runs.append(TrainedRun(f"npedit_{variant}", "npedit", cfg, run_dir("npedit", cfg, root), data["unpaired"],
                                    warmup_dir=shared_warmup_dir(cfg, root) if cfg.copy_warmup_steps else None))
@@ -236,6 +248,6 @@ def trained_runs(profile: str, seed: int, data: dict, *, steps: int = 0, judge_i
     if "mtrl" in stages:
         train_sequences = data["multiturn"].split("train")
         for name, cfg in mtrl_configs(profile, seed=seed, steps=steps, policy_id=policy_id, judge_id=judge_id,
-                                      overrides=mtrl_overrides).items():
+                                      overrides=mtrl_overrides, world_cfg=data["world_cfg"]).items():
             runs.append(TrainedRun(f"mtrl_{name}", "mtrl", cfg, run_dir("mtrl", cfg, root), train_sequences))
     return runs

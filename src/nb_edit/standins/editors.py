@@ -44,6 +44,7 @@ class PretrainConfig(StageConfig):
     """Sizes of one pretraining job (teacher or supervised editor)."""
 
     backbone: str = "unet"  # "unet" (InstructPix2Pix-style) | "dit" (FLUX.1-Kontext-style)
+    unet_blocks: tuple = (16, 32, 32)  # the UNet's block_out_channels (its size: 0.43 M at these widths)
     steps: int = 4000  # teacher steps
     editor_steps: int = 3500  # supervised editor steps (they start from the teacher)
     batch_size: int = 32
@@ -76,10 +77,11 @@ class PretrainConfig(StageConfig):
         return logit_normal_t() if self.t_sampling == "logit_normal" else uniform_t()
 
 
-def build_teacher(backbone: str, resolution: int):
+def build_teacher(backbone: str, resolution: int, unet_blocks: tuple = (16, 32, 32)):
     """A randomly initialised tiny text-to-image teacher of ``backbone`` (``tiny_configs``)."""
     if backbone == "unet":
-        return build_editor("unet", tiny_unet_config(with_reference=False, sample_size=resolution))
+        return build_editor("unet", tiny_unet_config(with_reference=False, sample_size=resolution,
+                                                     block_out_channels=tuple(unet_blocks)))
     return build_editor(backbone, tiny_flux_config())
 
 
@@ -128,7 +130,7 @@ def train_teacher(cfg: PretrainConfig, out_dir: Path, ckpt_dir: Path) -> dict[st
     torch.manual_seed(cfg.seed)
     tokenizer = world_tokenizer(world_cfg)
     text_encoder = build_tiny_text_encoder(tokenizer)
-    teacher = build_teacher(cfg.backbone, world_cfg.resolution)
+    teacher = build_teacher(cfg.backbone, world_cfg.resolution, cfg.unet_blocks)
 
     def step_fn(batch, step):
         images, captions = batch

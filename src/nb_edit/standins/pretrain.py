@@ -14,8 +14,11 @@ import json
 import shutil
 from pathlib import Path
 
+from nb_edit import world
 from nb_edit.core import cache, paths
+from nb_edit.core.config import RunSettings
 from nb_edit.core.runtime import torch_threads
+from nb_edit.core.validation import BadInputError
 from nb_edit.standins import editors, judge
 
 PARTS = ("teacher", "clean", "noisy", "judge")
@@ -27,6 +30,28 @@ def part_dir(name: str, root: Path | None = None) -> Path:
 
 def is_complete(folder: Path) -> bool:
     return (folder / "made_by.json").exists()
+
+
+def made_for(folder: str | Path) -> world.WorldConfig | None:
+    """The world a stand-in folder was made for (its ``made_by.json``), or None for any other model."""
+    made_by = Path(folder) / "made_by.json"
+    if not made_by.is_file():
+        return None
+    data = json.loads(made_by.read_text()).get("config", {}).get("world")
+    return world.WorldConfig.from_dict(data) if data else None
+
+
+def check_world(world_cfg: world.WorldConfig, *folders: str | Path) -> None:
+    """Refuse stand-ins made for another world than ``world_cfg``: an editor or judge of the rich
+    world scored on the small one (or the other way round) gives numbers that mean nothing.
+    Folders that are not stand-ins (hub ids, a user's own models) are not checked."""
+    for folder in folders:
+        made = made_for(folder) if Path(folder).is_dir() else None
+        if made is not None and made != world_cfg:
+            name = next((n for n, v in world.WORLDS.items() if world.preset(n) == made), "another world")
+            raise BadInputError(folder, f"this stand-in was made for the world {name!r}, not the run's",
+                                f"make the stand-ins for the run's world (python -m nb_edit pretrain --world <name> "
+                                f"--force), or run on the world {name!r} (world_name={name!r})")
 
 
 def _record(root: Path, name: str, summary: dict) -> None:
@@ -42,8 +67,11 @@ def _record(root: Path, name: str, summary: dict) -> None:
 
 
 def run(parts: list[str] | None = None, profile: str = "tiny", force: bool = False, seed: int = 0,
-        root: Path | None = None, num_threads: int | None = None) -> None:
+        root: Path | None = None, num_threads: int | None = None, world_name: str | None = None) -> None:
+    """Make ``parts`` (default all) for the ladder's world ``world_name`` (default the profile's,
+    ``RunSettings.world``)."""
     root = root or paths.pretrained_dir()
+    world_dict = world.preset(world_name or RunSettings.for_profile(profile).world).to_dict()
     unknown = set(parts or ()) - set(PARTS)
     if unknown:
         raise SystemExit(f"pretrain: unknown part(s) {sorted(unknown)}; choose from {', '.join(PARTS)}.")
@@ -59,9 +87,9 @@ def run(parts: list[str] | None = None, profile: str = "tiny", force: bool = Fal
         staging = out.parent / f".{name}.partial"
         if name == "judge":
 
-            cfg = judge.JudgeConfig.for_profile(profile, seed=seed, num_threads=num_threads)
+            cfg = judge.JudgeConfig.for_profile(profile, seed=seed, num_threads=num_threads, world=world_dict)
         else:
-            cfg = editors.PretrainConfig.for_profile(profile, seed=seed, num_threads=num_threads)
+            cfg = editors.PretrainConfig.for_profile(profile, seed=seed, num_threads=num_threads, world=world_dict)
         # threads change speed, not results: they stay out of the checkpoint key
         ckpt = ckpt_root / name / cache.config_key({**cfg.to_dict(), "num_threads": None, "part": name})
         if force:

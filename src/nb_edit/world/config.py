@@ -36,6 +36,11 @@ TEXTURES = ("solid", "striped", "checked")
 BG_TEXTURES = ("plain", "grid")
 STYLES = ("normal", "grayscale", "invert")
 
+# Every edit type the world knows: local object edits, global ones (background, style) and
+# "do nothing". A ``WorldConfig`` picks the ones a run uses (``edit_types``).
+EDIT_TYPES: tuple[str, ...] = ("add", "remove", "replace", "colour", "texture", "resize", "move",
+                               "background", "style", "count", "noop")
+
 # Rec. 601 luma weights: what "grayscale" means here, for the renderer and the oracle alike.
 LUMA = np.array([0.299, 0.587, 0.114])
 
@@ -70,11 +75,12 @@ class WorldConfig:
     pos_tol: float = 0.08  # oracle: positions closer than this count as unchanged
     size_tol: float = 0.2  # oracle: relative size change below this counts as unchanged
     gray_legibility: float = 40.0  # min luma gap object/background for a grayscale edit
+    edit_types: tuple[str, ...] = EDIT_TYPES  # the edits a run draws (a type the world cannot apply is never drawn)
 
     def __post_init__(self):
         for name, known in (("shapes", SHAPES), ("colours", tuple(OBJECT_COLOURS)),
                             ("backgrounds", tuple(BACKGROUND_COLOURS)), ("textures", TEXTURES),
-                            ("bg_textures", BG_TEXTURES), ("styles", STYLES)):
+                            ("bg_textures", BG_TEXTURES), ("styles", STYLES), ("edit_types", EDIT_TYPES)):
             chosen = tuple(getattr(self, name))
             setattr(self, name, chosen)
             unknown = [v for v in chosen if v not in known]
@@ -118,3 +124,27 @@ class WorldConfig:
         if unknown:
             raise ValueError(f"WorldConfig.from_dict: unknown keys {sorted(unknown)}; known: {sorted(names)}.")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+# The ladder of worlds, as plain data: each preset names the fields that differ from
+# ``WorldConfig``'s defaults (which are the ``rich`` world). ``toy`` is the world of one object
+# and one edit type known to be learnt in minutes on 2 CPU cores; ``small`` grows it to two
+# objects and seven edit types (six edits and "do nothing", the background as the global one);
+# ``rich`` adds a third object, textures, styles and the remaining edit types, for longer runs
+# and GPUs. A run picks one by name (``world_name``) next to its profile.
+_PLAIN = dict(shapes=("circle", "square", "triangle"), colours=("red", "green", "blue", "yellow"),
+              backgrounds=("white", "gray", "navy"), textures=("solid",), styles=("normal",))
+WORLDS: dict[str, dict] = {
+    "toy": dict(_PLAIN, min_objects=1, max_objects=1, edit_types=("colour", "noop")),
+    "small": dict(_PLAIN, min_objects=1, max_objects=2,
+                  edit_types=("add", "remove", "replace", "colour", "move", "background", "noop")),
+    "rich": {},
+}
+DEFAULT_WORLD = "rich"
+
+
+def preset(name: str = DEFAULT_WORLD, **overrides) -> WorldConfig:
+    """The ``WorldConfig`` of the ladder's world ``name`` (``WORLDS``), with ``overrides`` applied."""
+    if name not in WORLDS:
+        raise ValueError(f"world {name!r} is unknown; choose one of {sorted(WORLDS)} (world/config.py WORLDS).")
+    return WorldConfig(**{**WORLDS[name], **overrides})

@@ -13,13 +13,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .config import BACKGROUND_COLOURS, LUMA, OBJECT_COLOURS, WorldConfig
+from .config import BACKGROUND_COLOURS, EDIT_TYPES, LUMA, OBJECT_COLOURS, WorldConfig
 from .phrasing import DIRECTIONS, phrase, thing
 from .render import changed_region
 from .scene import Scene, caption, fits, place, random_object, sample_scene
 
-EDIT_TYPES: tuple[str, ...] = ("add", "remove", "replace", "colour", "texture", "resize", "move",
-                               "background", "style", "count", "noop")
 OBJECT_EDITS = ("remove", "replace", "colour", "texture", "resize", "move", "count")
 
 
@@ -197,15 +195,21 @@ _MAKERS = {"add": _add, "remove": _remove, "replace": _replace, "colour": _colou
            "noop": _noop}
 
 
+def _check_type(edit_type: str | None, cfg: WorldConfig) -> None:
+    if edit_type is not None and edit_type not in EDIT_TYPES:
+        raise ValueError(f"edit_type={edit_type!r} is unknown; use one of {EDIT_TYPES}.")
+    if edit_type is not None and edit_type not in cfg.edit_types:
+        raise ValueError(f"edit_type={edit_type!r} is not among this world's edit_types {cfg.edit_types}.")
+
+
 def sample_edit(scene: Scene, rng: np.random.Generator, cfg: WorldConfig, edit_type: str | None = None) -> Edit:
     """A valid edit of ``scene`` (of ``edit_type``, or of a random type that applies).
 
-    Raises ValueError naming the type when it cannot apply to this scene; the caller may retry
-    with another scene or type.
+    Raises ValueError naming the type when it cannot apply to this scene or is not among the
+    world's ``edit_types``; the caller may retry with another scene or type.
     """
-    if edit_type is not None and edit_type not in EDIT_TYPES:
-        raise ValueError(f"edit_type={edit_type!r} is unknown; use one of {EDIT_TYPES}.")
-    types = [edit_type] if edit_type else _shuffled(EDIT_TYPES, rng)
+    _check_type(edit_type, cfg)
+    types = [edit_type] if edit_type else _shuffled(cfg.edit_types, rng)
     reasons = []
     for kind in types:
         try:
@@ -231,8 +235,7 @@ def sample_edit_of_type(rng: np.random.Generator, cfg: WorldConfig, edit_type: s
     forbid that type, e.g. ``count`` with ``max_objects=1``).
     """
 
-    if edit_type is not None and edit_type not in EDIT_TYPES:
-        raise ValueError(f"edit_type={edit_type!r} is unknown; use one of {EDIT_TYPES}.")
+    _check_type(edit_type, cfg)
     for _ in range(max_scenes):
         try:
             return sample_edit(sample_scene(rng, cfg), rng, cfg, edit_type)

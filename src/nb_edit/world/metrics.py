@@ -7,7 +7,7 @@ import numpy as np
 
 from .config import WorldConfig
 from .corrupt import degrade
-from .edits import EDIT_TYPES, sample_edit, sample_edit_of_type
+from .edits import sample_edit, sample_edit_of_type
 from .judge import judge, match
 from .oracle import parse
 from .render import render
@@ -55,7 +55,7 @@ def judge_agreement(cfg: WorldConfig, n_per_type: int = 50, seed: int = 0) -> di
     sources judged followed (should be 1 and 0; 1 for noop)."""
     rng = np.random.default_rng(seed)
     table = {}
-    for kind in EDIT_TYPES:
+    for kind in cfg.edit_types:
         target_ok = source_followed = done = 0
         while done < n_per_type:
             edit = sample_edit_of_type(rng, cfg, kind)

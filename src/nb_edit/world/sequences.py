@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config import WorldConfig
-from .edits import EDIT_TYPES, OBJECT_EDITS, Edit, make_edit, referable, sample_edit
+from .edits import OBJECT_EDITS, Edit, make_edit, referable, sample_edit
 from .phrasing import DIRECTIONS, GENERIC_NOUNS, phrase
 from .scene import Scene
 
@@ -30,7 +30,7 @@ def sample_chain(scene: Scene, rng: np.random.Generator, cfg: WorldConfig, n_tur
         chain, current, used = [], scene, set()
         for turn in range(n_turns):
             banned = used | {"noop"} | ({"style"} if turn < n_turns - 1 else set())
-            options = [t for t in rng.permutation(EDIT_TYPES) if t not in banned]
+            options = [t for t in rng.permutation(cfg.edit_types) if t not in banned]
             edit = None
             for kind in options:
                 try:

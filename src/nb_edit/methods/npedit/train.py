@@ -68,6 +68,9 @@ from nb_edit.training.loop import (
 VARIANTS = ("full", "dmd_only", "vlm_only", "no_identity", "full_vocab")
 
 
+_DEFAULT_WORLD = world.WorldConfig().to_dict()  # the world of runs made before NPEditConfig.world existed
+
+
 @dataclasses.dataclass
 class NPEditConfig(TrainingConfig):
     variant: str = "full"  # full | dmd_only | vlm_only | no_identity | full_vocab (the paper's ablations)
@@ -97,6 +100,9 @@ class NPEditConfig(TrainingConfig):
     checkpoint_every: int = 100
     curve_every: int = 50  # judge-vs-oracle checks during training
     n_curve: int = 64
+    world: dict = dataclasses.field(default_factory=lambda: world.WorldConfig().to_dict())  # the curve's edits
+
+    ADDED_LATER: ClassVar[dict[str, Any]] = {**TrainingConfig.ADDED_LATER, "world": _DEFAULT_WORLD}
 
     PROFILES: ClassVar[dict[str, dict[str, Any]]] = {
         # fits the main job's time; longer runs: steps=... in papermill. The warm-up at 2e-3 took a
@@ -274,7 +280,7 @@ class NPEditTrainer:
         """Judge's and oracle's view of the generator on fixed held-out-from-training sources."""
         if not hasattr(self, "_curve"):
             rng = np.random.default_rng(1234)
-            world_cfg = world.WorldConfig()
+            world_cfg = world.WorldConfig.from_dict(self.cfg.world)
 
             edits = [random_edit(world.sample_scene(rng, world_cfg), rng, world_cfg) for _ in range(self.cfg.n_curve)]
             self._curve = (edits, np.stack([world.render(e.source, world_cfg) for e in edits]), world_cfg)

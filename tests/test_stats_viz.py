@@ -137,6 +137,24 @@ def test_image_grid_row_labels_across_get_room():
     assert chain.axes[0].yaxis.label.get_rotation() == 0
 
 
+def test_image_grid_writes_a_label_under_each_cell_and_makes_room_for_it():
+    from nb_edit.evaluation import harness
+
+    rows = [[_image(0), _image(50)], [_image(100), _image(150)]]
+    scores = {"success": np.array([1.0, 0.0]), "followed": np.array([1.0, 0.0]), "preserved": np.array([1.0, 0.0])}
+    verdicts = harness.verdict_labels(scores)
+    assert verdicts == ["success", "not followed\nrest changed"]
+    assert harness.verdict_labels({f"oracle_{k}": v for k, v in scores.items()}, prefix="oracle_") == verdicts
+    plain = viz.image_grid(rows, col_labels=["make the red\ncircle blue", "x"], scale=2)
+    labelled = viz.image_grid(rows, col_labels=["make the red\ncircle blue", "x"], scale=2,
+                              cell_labels=[[None, ""], verdicts])
+    assert labelled.axes[2].get_xlabel() == "success" and labelled.axes[3].get_xlabel() == verdicts[1]
+    assert labelled.axes[0].get_xlabel() == "" and labelled.axes[0].get_title() == "make the red\ncircle blue"
+    assert labelled.get_figheight() - plain.get_figheight() == pytest.approx(2 * 0.15 * 2)  # two lines a row
+    with pytest.raises(BadInputError, match="cell_labels"):
+        viz.image_grid(rows, cell_labels=[["a", "b", "c"], []])
+
+
 def test_image_grid_rejects_float_images_with_a_fix():
     with pytest.raises(BadInputError, match=r"rows\[0\]\[1\].*to_uint8"):
         viz.image_grid([[_image(0), np.zeros((SIZE, SIZE, 3), np.float32)]])

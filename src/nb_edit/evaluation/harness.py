@@ -87,6 +87,17 @@ def oracle_scores(sources: np.ndarray, edits: Sequence[world.Edit], outputs: np.
             "success": np.array([v.success for v in verdicts], dtype=float)}
 
 
+def verdict_labels(scores: dict[str, np.ndarray], prefix: str = "") -> list[str]:
+    """The oracle's verdict on each output (``oracle_scores``, or an ``EvalResult.per_item`` with
+    ``prefix="oracle_"``), in words short enough to print under an image: "success" (followed and
+    preserved), or what failed ("not followed", "rest changed", or both on two lines)."""
+    failures = (("followed", "not followed"), ("preserved", "rest changed"))
+    success = scores[f"{prefix}success"]
+    return ["success" if success[i] > 0.5 else
+            "\n".join(words for key, words in failures if scores[f"{prefix}{key}"][i] <= 0.5)
+            for i in range(len(success))]
+
+
 def mean_scores(scores: dict[str, np.ndarray], prefix: str, n_boot: int = 1000, seed: int = 0) -> dict[str, float]:
     """``{prefix.oracle_<key>: mean, ....ci_low, ....ci_high}``: each oracle figure with its 95%
     percentile-bootstrap interval over the test items."""

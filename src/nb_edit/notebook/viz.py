@@ -64,13 +64,16 @@ def _bare(ax) -> None:
 
 def image_grid(rows: Sequence[Sequence[np.ndarray | None]], row_labels: Sequence[str] | None = None,
                col_labels: Sequence[str] | None = None, scale: int = 4,
-               title: str | None = None, row_label_rotation: float = 90.0) -> InlineFigure:
+               title: str | None = None, row_label_rotation: float = 90.0,
+               cell_labels: Sequence[Sequence[str | None]] | None = None) -> InlineFigure:
     """A grid of uint8 (H, W, 3) images, one axes per cell (``len(rows) * longest row``).
 
     Rows may be ragged, and a cell may be None: such cells stay blank. ``scale`` is the integer
     nearest-neighbour upscaling factor, which also sets the printed size (``H * scale`` pixels).
     ``row_label_rotation=0`` writes the row labels across, left of the row: long labels (method
-    names) then never run into the next row.
+    names) then never run into the next row. Labels may hold line breaks (a wrapped instruction).
+    ``cell_labels`` (rows of strings or None, shaped like ``rows``) writes a short text under each
+    image, e.g. the oracle's verdict on an edit.
     """
     # A row is a list of images or a (N, H, W, 3) batch; a bare (H, W, 3) image is not a row.
     if isinstance(rows, np.ndarray) or not isinstance(rows, Sequence) or len(rows) == 0 or not all(
@@ -88,6 +91,10 @@ def image_grid(rows: Sequence[Sequence[np.ndarray | None]], row_labels: Sequence
         if labels is not None and len(labels) != count:
             raise BadInputError(name, f"has {len(labels)} labels for {count} {name[:3]}s",
                                 f"pass exactly {count} labels or None")
+    if cell_labels is not None and (len(cell_labels) != n_rows
+                                    or any(len(labels) > n_cols for labels in cell_labels)):
+        raise BadInputError("cell_labels", f"does not fit the grid of {n_rows} rows and {n_cols} columns",
+                            "pass one row of labels (strings or None) per row of images")
     images = [[None if image is None else _check_image(image, f"rows[{r}][{c}]")
                for c, image in enumerate(row)] for r, row in enumerate(rows)]
     present = [image for row in images for image in row if image is not None]
@@ -99,8 +106,12 @@ def image_grid(rows: Sequence[Sequence[np.ndarray | None]], row_labels: Sequence
     label_room = 0.4 if row_labels else 0.1
     if row_labels and row_label_rotation == 0:
         label_room = 0.15 + 0.065 * max(len(str(label)) for label in row_labels)
+    col_lines = max((str(label).count("\n") + 1 for label in col_labels), default=1) if col_labels else 0
+    cell_lines = max((str(label).count("\n") + 1 for labels in cell_labels for label in labels if label),
+                     default=0) if cell_labels else 0
     figure = InlineFigure(figsize=(n_cols * cell_w + label_room,
-                                   n_rows * cell_h + (0.3 if col_labels else 0.1) + (0.3 if title else 0)),
+                                   n_rows * (cell_h + 0.15 * cell_lines) + (0.15 + 0.15 * col_lines if col_labels else 0.1)
+                                   + (0.3 if title else 0)),
                           layout="constrained")
     axes = figure.subplots(n_rows, n_cols, squeeze=False)
     for r in range(n_rows):
@@ -115,6 +126,8 @@ def image_grid(rows: Sequence[Sequence[np.ndarray | None]], row_labels: Sequence
                 ax.set_ylabel(str(row_labels[r]), fontsize=8, rotation=row_label_rotation, **across)
             if col_labels is not None and r == 0:
                 ax.set_title(str(col_labels[c]), fontsize=8)
+            if cell_labels is not None and c < len(cell_labels[r]) and cell_labels[r][c]:
+                ax.set_xlabel(str(cell_labels[r][c]), fontsize=7)
     if title:
         figure.suptitle(title, fontsize=9)
     return figure

@@ -146,10 +146,15 @@ def test_judge_accuracy_on_an_editors_outputs_beside_the_constant_answer(bench):
     # and follows only "do nothing": the judge is right on 1 of 11 followed questions and on none
     # of the preserved ones, where a constant "no" / "yes" would be right on 10 of 11 / all
     result = harness.evaluate(CopyEditor(), bench, StubJudge(), method="copy", n_boot=20)
-    accuracy = harness.judge_accuracy(result)
+    accuracy = harness.judge_accuracy(result, n_boot=200, seed=3)
     n = len(bench)
+    intervals = {k: accuracy.pop(k) for k in list(accuracy) if ".ci_" in k}
     assert accuracy == pytest.approx({"acc_followed": 1 / n, "constant_followed": (n - 1) / n,
                                       "acc_preserved": 0.0, "constant_preserved": 1.0})
+    right = (result.per_item["oracle_followed"] > 0.5).astype(float)  # the stub always says "followed"
+    expected = stats.bootstrap_ci(right, n_boot=200, seed=3)
+    assert (intervals["acc_followed.ci_low"], intervals["acc_followed.ci_high"]) == (expected.low, expected.high)
+    assert intervals["acc_preserved.ci_low"] == intervals["acc_preserved.ci_high"] == 0.0
     perfect = harness.evaluate(_oracle_for(bench), bench, StubJudge(), method="oracle", n_boot=20)
     assert harness.judge_accuracy(perfect)["acc_followed"] == 1.0  # every target follows, the stub says yes
     with pytest.raises(BadInputError, match="evaluate with a reward"):

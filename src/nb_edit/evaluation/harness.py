@@ -151,14 +151,22 @@ def judge_agreement(reward, sources: np.ndarray, edits: Sequence[world.Edit], ou
             "judge_followed": float(np.mean(followed > 0.5)), "judge_preserved": float(np.mean(preserved > 0.5))}
 
 
-def caption_match(teacher_pipeline, scenes: Sequence[world.Scene], cfg: world.WorldConfig, steps: int = 4,
-                  guidance: float = 1.0, seed: int = 0, batch: int = 64) -> tuple[float, np.ndarray]:
-    """Share of teacher samples whose parsed scene has the caption they were drawn from."""
+def caption_hits(teacher_pipeline, scenes: Sequence[world.Scene], cfg: world.WorldConfig, steps: int = 4,
+                 guidance: float = 1.0, seed: int = 0, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Per scene, 1.0 when the teacher's sample of its caption parses back to that caption (else
+    0.0), and the samples."""
     captions = [world.caption(s) for s in scenes]
     images = np.concatenate([teacher_pipeline.generate(captions[i: i + batch], cfg.resolution, steps=steps,
                                                        seed=seed + i, guidance=guidance)
                              for i in range(0, len(captions), batch)])
-    hits = [world.caption(world.parse(img, cfg).scene) == cap for img, cap in zip(images, captions)]
+    hits = np.array([world.caption(world.parse(img, cfg).scene) == cap for img, cap in zip(images, captions)], float)
+    return hits, images
+
+
+def caption_match(teacher_pipeline, scenes: Sequence[world.Scene], cfg: world.WorldConfig, steps: int = 4,
+                  guidance: float = 1.0, seed: int = 0, batch: int = 64) -> tuple[float, np.ndarray]:
+    """Share of teacher samples whose parsed scene has the caption they were drawn from."""
+    hits, images = caption_hits(teacher_pipeline, scenes, cfg, steps, guidance, seed, batch)
     return float(np.mean(hits)), images
 
 
@@ -409,10 +417,10 @@ class EvalResult:
         return out
 
 
-def judge_accuracy(result: EvalResult) -> dict[str, float]:
+def judge_accuracy(result: EvalResult, n_boot: int = 1000, seed: int = 0) -> dict[str, float]:
     """How often the judge's yes/no agrees with the oracle on one editor's outputs (``result`` of
     :func:`evaluate` with a reward, on a benchmark with the truth): ``acc_followed`` /
-    ``acc_preserved``, beside ``constant_followed`` / ``constant_preserved``, what the better
+    ``acc_preserved`` with their 95% bootstrap intervals over items (``.ci_low`` / ``.ci_high``), beside ``constant_followed`` / ``constant_preserved``, what the better
     constant answer scores on the same outputs (a judge below it has learnt nothing about them)."""
     out: dict[str, float] = {}
     for question, judged_key, truth_key in (("followed", "following_yes", "oracle_followed"),
@@ -423,7 +431,9 @@ def judge_accuracy(result: EvalResult) -> dict[str, float]:
         judged, truth = np.asarray(result.per_item[judged_key], float), np.asarray(result.per_item[truth_key], float)
         keep = np.isfinite(judged) & np.isfinite(truth)
         yes_rate = float(np.mean(truth[keep] > 0.5))
-        out[f"acc_{question}"] = float(np.mean((judged[keep] > 0.5) == (truth[keep] > 0.5)))
+        interval = bootstrap_ci(((judged[keep] > 0.5) == (truth[keep] > 0.5)).astype(float), n_boot=n_boot, seed=seed)
+        out[f"acc_{question}"] = interval.mean
+        out[f"acc_{question}.ci_low"], out[f"acc_{question}.ci_high"] = interval.low, interval.high
         out[f"constant_{question}"] = max(yes_rate, 1.0 - yes_rate)
     return out
 

@@ -35,6 +35,24 @@ def test_pretrain_writes_every_part_in_hub_layout(pretrained):
     assert set(metrics) == {"teacher", "clean", "noisy", "judge"}
 
 
+def test_an_editor_trains_its_text_encoder_only_when_asked(pretrained, tmp_path):
+    from safetensors.torch import load_file
+
+    from nb_edit.standins.editors import PretrainConfig, train_supervised_editor
+
+    def encoder(folder):
+        return load_file(next((folder / "text_encoder").glob("*.safetensors")))
+
+    teacher = encoder(pretrained / "teacher")
+    for tune in (False, True):
+        cfg = PretrainConfig.for_profile("smoke", tune_text_encoder=tune)
+        out = tmp_path / f"tuned_{tune}"
+        out.mkdir()
+        train_supervised_editor(cfg, pretrained / "teacher", out, tmp_path / f"ckpt_{tune}", noisy=False)
+        changed = [k for k, v in encoder(out).items() if not torch.equal(v, teacher[k])]
+        assert bool(changed) == tune, (tune, changed[:3])
+
+
 def test_pretrain_skips_what_is_made(pretrained, capsys):
     from nb_edit.standins import pretrain
 

@@ -58,6 +58,10 @@ class PretrainConfig(StageConfig):
     text_dropout: float = 0.1  # share of empty captions / instructions (for CFG)
     styled_share: float = 0.15  # teacher: share of grayscale / colour-negative scenes
     edited_share: float = 0.5  # teacher: share of scenes that are targets of an edit
+    # editors: train the text encoder with the editor. The teacher's encoder only ever read
+    # captions; frozen, it left an editor unable to tell "turn the blue circle green" from
+    # "turn the green circle blue" (a hub editor's encoder has read far more text than ours)
+    tune_text_encoder: bool = False
     num_threads: int = 2
     world: dict = dataclasses.field(default_factory=lambda: world.WorldConfig().to_dict())
 
@@ -149,20 +153,22 @@ def train_teacher(cfg: PretrainConfig, out_dir: Path, ckpt_dir: Path) -> dict[st
 
 def train_supervised_editor(cfg: PretrainConfig, teacher_dir: Path, out_dir: Path, ckpt_dir: Path,
                             noisy: bool) -> dict[str, Any]:
-    """An editor initialised from the teacher, trained on clean or noisy pairs (frozen text encoder)."""
-    text_encoder = load_text_encoder(teacher_dir).requires_grad_(False)
+    """An editor initialised from the teacher, trained on clean or noisy pairs (its text encoder too
+    with ``cfg.tune_text_encoder``, else frozen)."""
+    text_encoder = load_text_encoder(teacher_dir).requires_grad_(cfg.tune_text_encoder)
     editor = editor_from_teacher(load_teacher(teacher_dir, cfg.backbone)).requires_grad_(True)
+    trained = {"editor": editor, **({"text_encoder": text_encoder} if cfg.tune_text_encoder else {})}
 
     def step_fn(batch, step):
         sources, targets, instructions = batch
-        with torch.no_grad():
+        with torch.set_grad_enabled(cfg.tune_text_encoder):
             states, pooled, _ = text_encoder.encode(instructions)
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         fn = lambda x, t: editor(x, t, states, pooled, source_latents=sources)  # noqa: E731
         return {"loss": flow_matching_loss(fn, targets, gen, cfg.t_sampler())}
 
     start = time.perf_counter()
-    history = train(step_fn, {"editor": editor}, config=cfg.loop(cfg.editor_steps), ckpt_dir=ckpt_dir,
+    history = train(step_fn, trained, config=cfg.loop(cfg.editor_steps), ckpt_dir=ckpt_dir,
                     batch_fn=lambda step: pair_batch(cfg, step, noisy), run_config=cfg.to_dict())
     save_components(out_dir, editor=editor, text_encoder=text_encoder)
     return _summary(history, start)

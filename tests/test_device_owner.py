@@ -219,11 +219,12 @@ def test_an_empty_model_id_means_the_profiles_model():
 
 
 def test_new_settings_leave_earlier_runs_found_and_resumable(tmp_path):
-    """A run trained before dtype/quantization existed: same cache key, and its checkpoint resumes."""
+    """A run trained before dtype/quantization/world existed: same cache key, and its checkpoint resumes."""
     cfg = NPEditConfig.for_profile("smoke")
-    old = {k: v for k, v in cfg.to_dict().items() if k not in ("dtype", "quantization")}
+    old = {k: v for k, v in cfg.to_dict().items() if k not in ("dtype", "quantization", "world")}
     assert cfg.identity() == old
     assert "dtype" in cfg.replace(dtype="bf16").identity()  # away from the old value it counts
+    assert "world" in cfg.replace(world={**cfg.world, "max_objects": 2}).identity()
     mr = MultiRewardConfig.for_profile("smoke")
     assert set(mr.to_dict()) - set(mr.identity()) == {"dtype", "quantization", "gradient_checkpointing",
                                                       "gradient_accumulation_steps", "judge_id"}

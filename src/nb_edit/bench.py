@@ -187,7 +187,8 @@ def make_random_standins(root: Path, seed: int = 0) -> dict[str, Path]:
 
     world_cfg = world.WorldConfig()
     torch.manual_seed(seed)
-    teacher = build_teacher(PretrainConfig().backbone, world_cfg.resolution)
+    shipped = PretrainConfig()  # the tiny profile's teacher
+    teacher = build_teacher(shipped.backbone, world_cfg.resolution, shipped.unet_blocks)
     save_components(root / "teacher", editor=teacher, text_encoder=build_tiny_text_encoder(world_tokenizer(world_cfg)))
     sizes = JudgeConfig()  # the tiny profile's judge (not for_profile: the smoke override must not shrink it)
     judge = VLMJudge.tiny(sizes.family, judge_tokenizer(world_cfg), image_size=world_cfg.resolution, seed=seed,

@@ -58,9 +58,9 @@ class PretrainConfig(StageConfig):
     text_dropout: float = 0.1  # share of empty captions / instructions (for CFG)
     styled_share: float = 0.15  # teacher: share of grayscale / colour-negative scenes
     edited_share: float = 0.5  # teacher: share of scenes that are targets of an edit
-    # editors: train the text encoder with the editor. The teacher's encoder only ever read
-    # captions; frozen, it left an editor unable to tell "turn the blue circle green" from
-    # "turn the green circle blue" (a hub editor's encoder has read far more text than ours)
+    # editors: train the text encoder with the editor. The teacher's encoder has only read
+    # captions, never instructions (a hub editor's encoder has read far more text); whether
+    # training it helps is measured in docs/experiments.md (its first run: not shown to help)
     tune_text_encoder: bool = False
     num_threads: int = 2
     world: dict = dataclasses.field(default_factory=lambda: world.WorldConfig().to_dict())
@@ -81,7 +81,7 @@ class PretrainConfig(StageConfig):
         return logit_normal_t() if self.t_sampling == "logit_normal" else uniform_t()
 
 
-def build_teacher(backbone: str, resolution: int, unet_blocks: tuple = (16, 32, 32)):
+def build_teacher(backbone: str, resolution: int, unet_blocks: tuple):
     """A randomly initialised tiny text-to-image teacher of ``backbone`` (``tiny_configs``)."""
     if backbone == "unet":
         return build_editor("unet", tiny_unet_config(with_reference=False, sample_size=resolution,

@@ -158,6 +158,25 @@ def test_remade_part_replaces_the_old_one_whole(tmp_path):
     assert not list(tmp_path.glob(".*.partial"))
 
 
+def test_pretrain_cli_set_reaches_the_part_config_and_is_checked(tmp_path, monkeypatch, capsys):
+    from nb_edit.cli import main
+
+    monkeypatch.setenv("NB_EDIT_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "pretrained"
+    assert main(["pretrain", "--profile", "smoke", "--only", "teacher", "--to", str(root), "--world", "small",
+                 "--set", "unet_blocks=[8,16,16]", "--set", "steps=3"]) == 0
+    made = json.loads((root / "teacher" / "made_by.json").read_text())
+    assert made["config"]["unet_blocks"] == [8, 16, 16] and made["steps"] == 3
+    assert made["config"]["world"]["edit_types"] == list(__import__("nb_edit").world.preset("small").edit_types)
+    capsys.readouterr()
+    assert main(["pretrain", "--profile", "smoke", "--to", str(root), "--set", "qa_steps=3"]) != 0
+    assert "--set qa_steps=3: PretrainConfig has no setting 'qa_steps'" in capsys.readouterr().err
+    assert main(["pretrain", "--profile", "smoke", "--to", str(root), "--judge-set", "editor_steps=3"]) != 0
+    assert "--judge-set editor_steps=3: JudgeConfig has no setting" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--world toy"):
+        main(["pretrain", "--profile", "smoke", "--to", str(root), "--set", "world={}"])
+
+
 def test_judge_feedback_pool_asks_the_editors_outputs_and_every_score_question(pretrained, tmp_path, monkeypatch):
     from nb_edit.data.judge_qa import SCORE_KINDS
     from nb_edit.standins.judge import JudgeConfig, build_feedback_pool

@@ -309,9 +309,9 @@ def test_sample_edit_of_type_names_a_type_the_world_forbids():
 
 
 def test_the_ladder_of_worlds_and_their_edit_types():
-    from nb_edit.world import DEFAULT_WORLD, WORLDS, preset
+    from nb_edit.world import WORLDS, preset
 
-    assert preset() == preset(DEFAULT_WORLD) and preset("rich") == WorldConfig()
+    assert preset("rich") == WorldConfig()
     small = preset("small")
     # the small world: up to 2 objects, plain colours, at least six edits beside "do nothing",
     # among them add, remove, colour, replace and a global one

@@ -22,7 +22,7 @@ def small_data(tmp_path_factory):
 
 
 def test_the_profile_names_the_world_and_the_datasets_are_drawn_from_it(small_data):
-    assert RunSettings.for_profile("tiny").world == world.DEFAULT_WORLD
+    assert RunSettings.for_profile("tiny").world in world.WORLDS
     small = world.preset("small")
     assert small_data["world_cfg"] == small
     for name in ("test", "paired", "unpaired"):

@@ -344,11 +344,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from nb_edit.standins import pretrain  # lazy: torch and the models; `run` and `report` need neither
+    from nb_edit.standins import editors, judge, pretrain  # lazy: torch and the models; `run` and `report` need neither
 
     pretrain.run(parts=args.only.split(",") if args.only else None, profile=args.profile,
                  force=args.force, seed=args.seed, num_threads=args.threads, world_name=args.world,
-                 root=Path(args.to) if args.to else None)
+                 root=Path(args.to) if args.to else None,
+                 overrides=parse_overrides(editors.PretrainConfig, args.set),
+                 judge_overrides=parse_overrides(judge.JudgeConfig, args.judge_set, option="--judge-set"))
     return 0
 
 
@@ -397,16 +399,17 @@ def cmd_gpu_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def train_config(stage: str, profile: str, items: list[str]):
+def train_config(stage: str, profile: str, items: list[str], world_cfg=None):
     """The stage's config with the ``--set NAME=VALUE`` items, checked against its fields and
-    types (:func:`nb_edit.core.config.parse_overrides`); raises :class:`BadInputError`."""
+    types (:func:`nb_edit.core.config.parse_overrides`), on the data of ``world_cfg`` (None: the
+    config's default world, enough to check the items); raises :class:`BadInputError`."""
     from nb_edit.methods.registry import STAGE_CONFIGS, stage_config  # lazy: torch and the models; `run` needs neither
 
     if stage not in STAGE_CONFIGS:
         raise BadInputError(f"train {stage}", "there is no such stage", f"use one of {', '.join(STAGE_CONFIGS)}")
     overrides = parse_overrides(STAGE_CONFIGS[stage], items)
     try:  # an explicit `--set x=null` sets None (registry.stage_config), not "the profile's value"
-        return stage_config(stage, profile, overrides)
+        return stage_config(stage, profile, overrides, world_cfg=world_cfg)
     except (TypeError, ValueError) as error:  # the config's own checks (e.g. an unknown variant)
         given = " ".join([f"--profile {profile}"] + [f"--set {item}" for item in items])
         raise BadInputError(f"train {stage} {given}", str(error).rstrip("."), "change the value it names") from None
@@ -431,8 +434,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 shapesworld(settings, seed=0)
             dist.barrier()
         data = shapesworld(settings, seed=0)
-        if hasattr(cfg, "world"):  # the world of the profile's data
-            cfg = cfg.replace(world=data["world_cfg"].to_dict())
+        cfg = train_config(args.stage, args.profile, args.set, world_cfg=data["world_cfg"])  # on the data's world
         _, history = train_stage(args.stage, cfg, data, Path(args.ckpt_dir) if args.ckpt_dir else None)
         warm = sum("loss_copy" in h for h in history)
         last = {k: round(float(v), 6) for k, v in history[-1].items() if k.startswith("loss")} if history else {}
@@ -490,6 +492,11 @@ def main(argv: list[str] | None = None) -> int:
     pre.add_argument("--to", default=None, help="folder to write the stand-ins into (default data/pretrained)")
     pre.add_argument("--threads", type=int, default=None,
                      help="torch CPU threads (default 2; 1 is faster when the cores are shared)")
+    pre.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                     help="a PretrainConfig setting of the teacher and editors, e.g. --set editor_steps=6000 "
+                          "--set unet_blocks=[32,64,64] (repeatable)")
+    pre.add_argument("--judge-set", action="append", default=[], metavar="NAME=VALUE",
+                     help="a JudgeConfig setting of the judge, e.g. --judge-set qa_steps=4000 (repeatable)")
     pre.set_defaults(func=cmd_pretrain)
     ben = sub.add_parser("bench", help="benchmarks against the plain way (NP-Edit step, judge, sampling)")
     ben.add_argument("--run-id", default="", help="record the bench.* metrics into papermill_runs/<run_id>/")

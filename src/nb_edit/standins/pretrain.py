@@ -67,11 +67,19 @@ def _record(root: Path, name: str, summary: dict) -> None:
 
 
 def run(parts: list[str] | None = None, profile: str = "tiny", force: bool = False, seed: int = 0,
-        root: Path | None = None, num_threads: int | None = None, world_name: str | None = None) -> None:
+        root: Path | None = None, num_threads: int | None = None, world_name: str | None = None,
+        overrides: dict | None = None, judge_overrides: dict | None = None) -> None:
     """Make ``parts`` (default all) for the ladder's world ``world_name`` (default the profile's,
-    ``RunSettings.world``)."""
+    ``RunSettings.world``); ``overrides`` are ``PretrainConfig`` settings of the teacher and the
+    editors, ``judge_overrides`` ``JudgeConfig`` settings of the judge (the CLI's ``--set`` and
+    ``--judge-set``, checked by ``core.config.parse_overrides``)."""
     root = root or paths.pretrained_dir()
     world_dict = world.preset(world_name or RunSettings.for_profile(profile).world).to_dict()
+    for given in (overrides or {}), (judge_overrides or {}):
+        if "world" in given:
+            raise SystemExit("pretrain: the world is chosen by name (--world toy|small|rich, world/config.py "
+                             "WORLDS), not by --set world=...; add a preset there for another world.")
+    common = dict(seed=seed, num_threads=num_threads, world=world_dict)
     unknown = set(parts or ()) - set(PARTS)
     if unknown:
         raise SystemExit(f"pretrain: unknown part(s) {sorted(unknown)}; choose from {', '.join(PARTS)}.")
@@ -86,10 +94,9 @@ def run(parts: list[str] | None = None, profile: str = "tiny", force: bool = Fal
         # interrupted remake leaves the previous part in place
         staging = out.parent / f".{name}.partial"
         if name == "judge":
-
-            cfg = judge.JudgeConfig.for_profile(profile, seed=seed, num_threads=num_threads, world=world_dict)
+            cfg = judge.JudgeConfig.for_profile(profile, **{**common, **(judge_overrides or {})})
         else:
-            cfg = editors.PretrainConfig.for_profile(profile, seed=seed, num_threads=num_threads, world=world_dict)
+            cfg = editors.PretrainConfig.for_profile(profile, **{**common, **(overrides or {})})
         # threads change speed, not results: they stay out of the checkpoint key
         ckpt = ckpt_root / name / cache.config_key({**cfg.to_dict(), "num_threads": None, "part": name})
         if force:

@@ -6,7 +6,7 @@ chains; candidate proposals with known validity; noisy paired targets; and an or
 parses any image back into a scene and judges an edit's output (followed, preserved, quality).
 """
 
-from .config import DEFAULT_WORLD, WORLDS, WorldConfig, preset
+from .config import WORLDS, WorldConfig, preset
 from .corrupt import CORRUPTIONS, NoisyTarget, degrade, noisy_target
 from .edits import EDIT_TYPES, Edit, sample_edit, sample_edit_of_type
 from .judge import Verdict, graded_score, judge
@@ -18,7 +18,7 @@ from .scene import Obj, Scene, caption, sample_scene
 from .sequences import INVALID_KINDS, propose_candidates, sample_chain
 
 __all__ = [
-    "WorldConfig", "WORLDS", "DEFAULT_WORLD", "preset", "Obj", "Scene", "EDIT_TYPES", "Edit", "Parsed", "Verdict", "NoisyTarget", "CORRUPTIONS",
+    "WorldConfig", "WORLDS", "preset", "Obj", "Scene", "EDIT_TYPES", "Edit", "Parsed", "Verdict", "NoisyTarget", "CORRUPTIONS",
     "INVALID_KINDS", "sample_scene", "render", "caption", "sample_edit", "sample_edit_of_type", "propose_candidates", "sample_chain",
     "parse", "judge", "graded_score", "noisy_target", "degrade", "vocabulary", "words", "parse_accuracy", "judge_agreement",
 ]

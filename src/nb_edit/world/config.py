@@ -131,7 +131,8 @@ class WorldConfig:
 # and one edit type known to be learnt in minutes on 2 CPU cores; ``small`` grows it to two
 # objects and seven edit types (six edits and "do nothing", the background as the global one);
 # ``rich`` adds a third object, textures, styles and the remaining edit types, for longer runs
-# and GPUs. A run picks one by name (``world_name``) next to its profile.
+# and GPUs. A run picks one by name (``world_name``) next to its profile; the profile's own
+# choice lives in ``RunSettings.world``.
 _PLAIN = dict(shapes=("circle", "square", "triangle"), colours=("red", "green", "blue", "yellow"),
               backgrounds=("white", "gray", "navy"), textures=("solid",), styles=("normal",))
 WORLDS: dict[str, dict] = {
@@ -140,10 +141,9 @@ WORLDS: dict[str, dict] = {
                   edit_types=("add", "remove", "replace", "colour", "move", "background", "noop")),
     "rich": {},
 }
-DEFAULT_WORLD = "rich"
 
 
-def preset(name: str = DEFAULT_WORLD, **overrides) -> WorldConfig:
+def preset(name: str, **overrides) -> WorldConfig:
     """The ``WorldConfig`` of the ladder's world ``name`` (``WORLDS``), with ``overrides`` applied."""
     if name not in WORLDS:
         raise ValueError(f"world {name!r} is unknown; choose one of {sorted(WORLDS)} (world/config.py WORLDS).")

@@ -293,76 +293,134 @@ def _full_metrics(value: float = 0.5) -> dict[str, float]:
     return {key: value for claim in claims.CLAIMS for key in claim.keys}
 
 
-def test_claim_verdicts_intervals_and_notes():
+def _bernoulli(rate: float, n: int, seed: int) -> list[float]:
+    return (np.random.default_rng(seed).random(n) < rate).astype(float).tolist()
+
+
+def _items(scores: dict[str, dict[int, list[float]]], item_set: str = "shapes.test") -> dict:
+    """``items.json`` as ``runs.record_items`` writes it."""
+    return {key: {"item_set": item_set, "seeds": {str(s): v for s, v in per_seed.items()}}
+            for key, per_seed in scores.items()}
+
+
+def test_paired_verdicts_equal_means_are_inconclusive_and_a_clear_gap_is_reproduced():
+    claim = claims.Claim("x", "P", "s", "a above b", (claims.Comparison("m.a.success", ">", "m.b.success"),))
+    same = _bernoulli(0.5, 512, 0)
+    shuffled = list(np.random.default_rng(1).permutation(same))  # the same mean, other items right
+    equal = {"m.a.success": {0: same}, "m.b.success": {0: shuffled}}
+    metrics = {"m.a.success": 0.5, "m.b.success": 0.5}
+    (row,) = claims.evaluate_claims(metrics, (claim,), items=_items(equal))
+    effect = row.effects[0]
+    assert row.verdict == "inconclusive" and effect.diff == 0.0 and effect.low < 0.0 < effect.high
+    assert "paired over 512 items x 1 seed" in row.note
+
+    gap = {"m.a.success": {s: _bernoulli(0.7, 512, 10 + s) for s in range(3)},
+           "m.b.success": {s: _bernoulli(0.4, 512, 20 + s) for s in range(3)}}
+    (row,) = claims.evaluate_claims(metrics, (claim,), items=_items(gap))
+    assert row.verdict == "reproduced" and 0.0 < row.effects[0].low < row.effects[0].diff < row.effects[0].high
+    flipped = claims.Claim("y", "P", "s", "a below b", (claims.Comparison("m.a.success", "<", "m.b.success"),))
+    (row,) = claims.evaluate_claims(metrics, (flipped,), items=_items(gap))
+    assert row.verdict == "contradicted"
+    counts = claims.claims_metrics([row])
+    assert counts["eval.claims_contradicted"] == 1.0 and counts["eval.claims_reproduced"] == 0.0
+
+    # 0 against 0: the interval is [0, 0], on neither side: inconclusive, not "0 >= 0 holds"
+    zeros = {"m.a.success": {0: [0.0] * 64}, "m.b.success": {0: [0.0] * 64}}
+    at_least = claims.Claim("z", "P", "s", "a at least b", (claims.Comparison("m.a.success", ">=", "m.b.success"),))
+    (row,) = claims.evaluate_claims({"m.a.success": 0.0, "m.b.success": 0.0}, (at_least,), items=_items(zeros))
+    assert row.verdict == "inconclusive" and "both are 0: no information" in row.note
+
+
+def test_the_paired_test_needs_the_same_items_and_keeps_the_seeds_as_a_second_level():
+    claim = claims.Claim("x", "P", "s", "a above b", (claims.Comparison("m.a.success", ">", "m.b.success"),))
+    metrics = {"m.a.success": 0.7, "m.b.success": 0.4}
+    gap = {"m.a.success": {0: _bernoulli(0.7, 256, 0)}, "m.b.success": {0: _bernoulli(0.4, 256, 1)}}
+    other = {**_items({"m.a.success": gap["m.a.success"]}),
+             **_items({"m.b.success": gap["m.b.success"]}, item_set="multiturn.test")}
+    (row,) = claims.evaluate_claims(metrics, (claim,), items=other)
+    assert row.verdict == "inconclusive" and row.effects == [None] and "different items" in row.note
+    (row,) = claims.evaluate_claims(metrics, (claim,))
+    assert row.verdict == "inconclusive" and "no per-item scores" in row.note
+
+    # seeds that disagree widen the interval beyond what the items alone give
+    one_seed = stats.paired_seed_bootstrap({0: gap["m.a.success"][0]}, {0: gap["m.b.success"][0]})
+    spread = stats.paired_seed_bootstrap({0: _bernoulli(0.9, 256, 0), 1: _bernoulli(0.5, 256, 2),
+                                          2: _bernoulli(0.7, 256, 3)}, {0: gap["m.b.success"][0]})
+    assert spread.high - spread.low > one_seed.high - one_seed.low
+    # a side measured once (a shipped model) is paired with every seed of the other
+    assert spread.diff == pytest.approx(np.mean([np.mean(_bernoulli(r, 256, s)) for r, s in
+                                                 ((0.9, 0), (0.5, 2), (0.7, 3))]) - np.mean(gap["m.b.success"][0]))
+    with pytest.raises(BadInputError, match="same items"):
+        stats.paired_seed_bootstrap({0: [1.0, 0.0]}, {0: [1.0]})
+
+
+def test_claim_rows_carry_intervals_effects_and_notes():
     metrics = _full_metrics(0.5)
     metrics.update(runs.seed_summary("npedit.full.oracle_success", [0.60, 0.70, 0.65]))
-    metrics.update(runs.seed_summary("models.supervised_clean.oracle_success", [0.70, 0.72, 0.71]))
-    metrics.update(runs.seed_summary("mtrl.grpo_singleturn.turn1_success", [0.20, 0.25, 0.22]))
     del metrics["multireward.reward.quality"]
     rows = {row.claim.id: row for row in claims.evaluate_claims(metrics)}
     assert len(rows) == len(claims.CLAIMS)
-
-    parity = rows["npedit-vs-supervised"]  # 0.65 >= 0.9 * 0.71 = 0.639
-    assert parity.verdict == "reproduced"
-    left = parity.quantities["npedit.full.oracle_success"]
+    left = rows["npedit-vs-supervised"].quantities["npedit.full.oracle_success"]
     t = 4.302652729911275  # t_{0.975, 2}
     assert left.mean == pytest.approx(0.65) and left.high - left.mean == pytest.approx(t * 0.05 / math.sqrt(3))
-    assert "intervals overlap: not significant" in parity.note
-    flowgrpo = rows["npedit-vs-flowgrpo"]
-    assert flowgrpo.verdict == "reproduced" and "intervals disjoint: significant" in flowgrpo.note
-
-    # the seed study beside a figure measured once (notebook 03's supervised editor is not repeated)
-    single = {key: value for key, value in metrics.items() if not key.startswith("models.supervised_clean")}
-    single["models.supervised_clean.oracle_success"] = 0.9
-    against_one = {row.claim.id: row for row in claims.evaluate_claims(single)}["npedit-vs-supervised"]
-    assert against_one.verdict == "not reproduced"  # 0.65 < 0.9 * 0.9 = 0.81, above the interval's 0.774
-    assert against_one.note == ("one side measured once, the other over 3 seeds: the single value lies "
-                                "outside it: significant")
-
     assert rows["multireward-quality"].verdict == "not measured"
     assert rows["multireward-quality"].missing == ["multireward.reward.quality"]
-    assert rows["npedit-ablation-dmd-only"].verdict == "reproduced"  # 0.5 < 0.65
-    assert rows["multireward-following"].verdict == "not reproduced"  # 0.5 > 0.5 does not hold
+    # means alone decide nothing: every measured claim is inconclusive without per-item scores
+    assert {row.verdict for row in rows.values()} == {"inconclusive", "not measured"}
+    low = rows["multireward-low-score"]  # two comparisons, one note each
+    assert low.note.startswith("(1) ") and "(2) " in low.note and len(low.effects) == 2
     counts = claims.claims_metrics(list(rows.values()))
     assert counts["eval.claims_total"] == len(claims.CLAIMS)
-    assert counts["eval.claims_measured"] == len(claims.CLAIMS) - 1
-    assert counts["eval.claims_reproduced"] == sum(r.verdict == "reproduced" for r in rows.values())
-
-
-def test_ties_at_zero_are_flagged_and_one_seed_has_no_interval():
-    rows = {row.claim.id: row for row in claims.evaluate_claims(_full_metrics(0.0))}
-    broadcast = rows["mtrl-broadcast-grpo"]  # 0 >= 0 holds, says nothing: inconclusive, not reproduced
-    assert broadcast.verdict == "inconclusive" and "both are 0: no information" in broadcast.note
-    assert "1 seed: no interval" in broadcast.note
-    raises = rows["mtrl-grpo-raises-turn3"]  # 0 > 0 does not hold
-    assert raises.verdict == "not reproduced"
-    low = rows["multireward-low-score"]  # two comparisons, both must hold
-    assert low.verdict == "not reproduced" and low.note.startswith("(1) ") and "(2) " in low.note
+    assert counts["eval.claims_measured"] == counts["eval.claims_inconclusive"] == len(claims.CLAIMS) - 1
 
 
 def test_claims_markdown_and_the_report_open_with_the_table(tmp_path, monkeypatch):
     monkeypatch.setattr(paths, "runs_dir", lambda: tmp_path / "runs")
     run = runs.open_run("claims")
     metrics = _full_metrics(0.5)
-    metrics["npedit.full.oracle_success"] = 0.6
+    metrics["npedit.full.oracle_success"], metrics["models.supervised_clean.oracle_success"] = 0.6, 0.1
     metrics.update({"eval.shapes.copy.oracle_success": 0.25, "eval.shapes.copy.oracle_success.ci_low": 0.1,
                     "eval.shapes.copy.oracle_success.ci_high": 0.4})
     runs.record_metrics(run, metrics)
-    table = claims.claims_markdown(claims.evaluate_claims(metrics))
+    runs.record_items(run, {"npedit.full.oracle_success": [1.0] * 60 + [0.0] * 40}, seed=0, item_set="shapes.test")
+    runs.record_items(run, {"models.supervised_clean.oracle_success": [1.0] * 10 + [0.0] * 90}, seed=0,
+                      item_set="shapes.test")
+    table = claims.claims_markdown(claims.evaluate_claims(metrics, items=runs.read_items(run)))
     header, rule, first = table.splitlines()[:3]
-    assert header.startswith("| claim | paper, section | statement | measured") and rule.count("|") == 7
+    assert header.startswith("| claim | paper, section | statement | measured") and rule.count("|") == 8
+    assert "effect (95% paired interval)" in header
     assert first.startswith("| `npedit-vs-supervised` | NP-Edit") and "0.600 (1 seed) ≥ 0.9 × " in first
-    assert "**reproduced**" in first
+    assert "**reproduced**" in first and "left − 0.9 × right +0.510 [" in first  # 0.6 - 0.9 * 0.1
     text = report.write_report(run).read_text()
     assert text.index("## Paper claims") < text.index("## Metrics")
+    assert "| `npedit-vs-supervised` |" in text and "**reproduced**" in text  # the report reads items.json
     assert "| `eval.shapes.copy.oracle_success` | 0.25 [0.1, 0.4] |" in text
     assert "`eval.shapes.copy.oracle_success.ci_low`" not in text  # folded into the mean's row
+
+
+def test_record_items_keeps_each_seed_and_a_seed_study_gathers_them(tmp_path, monkeypatch):
+    from nb_edit.cli import aggregate_seeds
+
+    monkeypatch.setattr(paths, "runs_dir", lambda: tmp_path / "runs")
+    parent, seeds = runs.open_run("study"), [runs.open_run(f"study.seed{s}") for s in (0, 1)]
+    for s, run in zip((0, 1), seeds):
+        runs.record_metrics(run, {"npedit.full.oracle_success": 0.5 + s / 10})
+        runs.record_items(run, {"npedit.full.oracle_success": [1.0, float("nan"), float(s)]}, seed=s,
+                          item_set="shapes.test")
+    aggregate_seeds(parent, seeds)
+    entry = runs.read_items(parent)["npedit.full.oracle_success"]
+    assert entry["item_set"] == "shapes.test" and sorted(entry["seeds"]) == ["0", "1"]
+    scores = runs.item_scores(entry)
+    assert np.isnan(scores[0][1]) and scores[1][2] == 1.0
+    with pytest.raises(ValueError, match="metrics contract"):
+        runs.record_items(parent, {"Bad Key": [1.0]}, seed=0, item_set="shapes.test")
 
 
 def test_an_empty_run_reports_every_claim_as_not_measured():
     rows = claims.evaluate_claims({})
     assert {row.verdict for row in rows} == {"not measured"}
-    assert claims.claims_metrics(rows) == {"eval.claims_reproduced": 0.0, "eval.claims_measured": 0.0,
+    assert claims.claims_metrics(rows) == {"eval.claims_reproduced": 0.0, "eval.claims_contradicted": 0.0,
+                                           "eval.claims_inconclusive": 0.0, "eval.claims_measured": 0.0,
                                            "eval.claims_total": float(len(claims.CLAIMS))}
     with pytest.raises(BadInputError, match="read_metrics"):
         claims.evaluate_claims([("a.b", 1.0)])

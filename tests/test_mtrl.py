@@ -321,3 +321,9 @@ def test_evaluate_multiturn_perfect_and_idle_editors(data):
     idle = evaluate_multiturn(IdlePipe(), seqs, CFG)
     assert idle["turn1_success"] == 0.0 and idle["consistency_l1"] == 0.0
     assert np.isnan(idle["marginal_success_turn3"])
+    # the per-sequence scores behind the figures: one per sequence, their means the figures
+    figures, items = evaluate_multiturn(IdlePipe(), seqs, CFG, items=True)
+    assert figures == pytest.approx(idle, nan_ok=True)
+    for key, values in items.items():
+        assert values.shape == (len(seqs),) and values.mean() == pytest.approx(figures[key]), key
+    assert {"turn3_success", "turn3_task_success", "consistency"} <= set(items)

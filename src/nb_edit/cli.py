@@ -229,6 +229,7 @@ def aggregate_seeds(parent: runs.Run, seed_runs: list[runs.Run]) -> dict[str, fl
     for key in keys:
         summary.update(runs.seed_summary(key, [m[key] for m in per_seed if key in m]))
     runs.record_metrics(parent, summary)
+    runs.merge_items(parent, seed_runs)  # every seed's per-item scores, for the claims' paired tests
     return summary
 
 

@@ -5,6 +5,8 @@ Every run has its own folder ``papermill_runs/<run_id>/`` holding the executed n
 ``metrics.json`` is ONE flat JSON object whose keys are dotted lowercase names
 (``npedit.full.oracle_success``) and whose values are finite numbers; a figure measured over
 several seeds is stored as its mean under the key, with ``<key>.sd`` and ``<key>.n`` beside it.
+``items.json`` keeps, under the same keys, the per-item scores behind a figure for each seed (the
+claims' paired tests read them).
 
 A run id names one set of parameters: :func:`claim_run` refuses to start a run in a folder that
 already holds one (its metrics would mix into the new report) unless asked to resume it with the
@@ -228,6 +230,65 @@ def record_metrics(run: Run, metrics: Mapping[str, Any]) -> dict[str, float]:
         merged.update(checked)
         _atomic_write_text(run.metrics_path, json.dumps(merged, indent=1, sort_keys=True))
     return checked
+
+
+def items_path(run: Run) -> Path:
+    """``items.json``: the per-item scores behind a run's figures, what a paired test needs."""
+    return run.dir / "items.json"
+
+
+def read_items(run: Run) -> dict[str, dict[str, Any]]:
+    """``{key: {"item_set": name, "seeds": {"<seed>": [score per item]}}}`` (empty when none)."""
+    path = items_path(run)
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def record_items(run: Run, scores: Mapping[str, Any], seed: int, item_set: str) -> None:
+    """Keep the per-item scores behind figures of ``metrics.json`` (same keys), for paired tests.
+
+    ``scores`` maps a metric key to one score per item (NaN: not scored) of the item list
+    ``item_set`` names (e.g. ``"shapes.test"``: the run's held-out test edits, in their order);
+    two keys are paired item by item only when they share the item set and the length. ``seed``
+    is the training seed of the run that made them; a seed study gathers every seed's scores in
+    its parent run (:func:`merge_items`).
+    """
+    import fcntl
+
+    checked = {}
+    for key, values in scores.items():
+        if not KEY_PATTERN.match(key):
+            raise ValueError(f"item key {key!r} does not follow the metrics contract (dotted lowercase names).")
+        array = np.asarray(values, dtype=np.float64).ravel()
+        checked[key] = [None if not math.isfinite(v) else float(v) for v in array]
+    with open(run.dir / ".items.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        merged = read_items(run)
+        for key, values in checked.items():
+            entry = merged.get(key)
+            if entry is None or entry.get("item_set") != item_set:
+                entry = merged[key] = {"item_set": item_set, "seeds": {}}
+            entry["seeds"][str(int(seed))] = values
+        _atomic_write_text(items_path(run), json.dumps(merged, sort_keys=True))
+
+
+def merge_items(parent: Run, seed_runs: Iterable[Run]) -> dict[str, dict[str, Any]]:
+    """Gather the per-item scores of a seed study's runs into the parent run's ``items.json``."""
+    merged = read_items(parent)
+    for seed_run in seed_runs:
+        for key, entry in read_items(seed_run).items():
+            into = merged.get(key)
+            if into is None or into.get("item_set") != entry["item_set"]:
+                into = merged[key] = {"item_set": entry["item_set"], "seeds": {}}
+            into["seeds"].update(entry["seeds"])
+    if merged:
+        _atomic_write_text(items_path(parent), json.dumps(merged, sort_keys=True))
+    return merged
+
+
+def item_scores(entry: Mapping[str, Any]) -> dict[int, np.ndarray]:
+    """An ``items.json`` entry as ``{seed: float array}`` (None read back as NaN)."""
+    return {int(seed): np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+            for seed, values in entry["seeds"].items()}
 
 
 def seed_summary(key: str, values: Iterable[float]) -> dict[str, float]:

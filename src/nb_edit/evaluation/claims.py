@@ -4,41 +4,44 @@ A :class:`Claim` names its paper and section, says what the paper found, and car
 or more :class:`Comparison` of metric keys, ``left op factor * right``, all of which must hold.
 The keys are those notebooks 03 and 05-07 record (``papermill_runs/<run>/metrics.json``).
 
-:func:`evaluate_claims` reads a metrics dict and gives one :class:`Row` per claim:
+:func:`evaluate_claims` reads a metrics dict and the run's per-item scores (``items.json``,
+``runs.read_items``) and gives one :class:`Row` per claim:
 
 * every compared quantity as its mean with a 95% interval over seeds. A seed study stores the
   mean under the key and ``<key>.sd`` / ``<key>.n`` beside it (``runs.seed_summary``); the
   interval is Student-t, ``mean +- t_{0.975, n-1} sd / sqrt(n)`` (``stats.mean_ci_from_summary``).
   A key without ``.n`` is one seed and has no interval;
-* the verdict: ``"not measured"`` when a key of the rule is missing, else ``"reproduced"`` when
-  every comparison holds on the means, else ``"not reproduced"``; a rule that holds only because
-  every quantity it compares is 0 (``0 >= 0.9 * 0``: all methods failed alike) is
-  ``"inconclusive"``, counted as measured and not as reproduced;
-* a note per comparison: whether the two intervals overlap (overlap: the difference is not
-  significant at 95%; disjoint: it is), whether a value measured once lies inside the other
-  side's interval, or that one seed on both sides gives no interval; and when the means tie
-  or every quantity is 0, that the comparison carries no information, so a reader can tell a
-  ``>=`` that holds as ``0 >= 0`` from a real one.
+* for each comparison ``left op factor * right``, the effect ``left - factor * right`` with its
+  95% interval from a paired two-level bootstrap over the same test items and training seeds
+  (``stats.paired_seed_bootstrap``), when both sides have per-item scores of the same items;
+* the verdict, three-way: ``"reproduced"`` when the interval of every comparison lies on the
+  claimed side of 0 (above for ``>``/``>=``, below for ``<``/``<=``), ``"contradicted"`` when the
+  interval of one lies wholly on the other side, else ``"inconclusive"``: a tie, an interval
+  across 0 (``0 >= 0`` among them), or no paired test (per-item scores missing, or the two sides
+  scored on different items). ``"not measured"`` when a key of the rule is missing;
+* a note per comparison: the paired test's size, or why there is none, and the overlap of the two
+  sides' own intervals.
 
 :func:`claims_markdown` renders the rows for the report and notebook 08;
-:func:`claims_metrics` gives ``eval.claims_reproduced``, ``eval.claims_measured`` and
-``eval.claims_total`` (every claim, measured or not).
+:func:`claims_metrics` gives ``eval.claims_reproduced``, ``eval.claims_contradicted``,
+``eval.claims_inconclusive``, ``eval.claims_measured`` and ``eval.claims_total`` (every claim,
+measured or not).
 """
 
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
+from nb_edit.core.runs import item_scores
 from nb_edit.core.validation import BadInputError
-from nb_edit.evaluation.stats import Interval, mean_ci_from_summary
+from nb_edit.evaluation.stats import Interval, PairedDiff, mean_ci_from_summary, paired_seed_bootstrap
 
 __all__ = ["CLAIMS", "Claim", "Comparison", "Row", "claims_markdown", "claims_metrics", "evaluate_claims",
            "quantity"]
 
-VERDICTS = ("reproduced", "not reproduced", "inconclusive", "not measured")
+VERDICTS = ("reproduced", "contradicted", "inconclusive", "not measured")
 _OPERATORS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
 _SYMBOLS = {">": ">", ">=": "≥", "<": "<", "<=": "≤"}
 
@@ -156,12 +159,14 @@ def quantity(metrics: Mapping[str, float], key: str, ci: float = 0.95) -> Interv
 
 @dataclass
 class Row:
-    """A claim with its quantities (key -> interval; None = not recorded), verdict and notes."""
+    """A claim with its quantities (key -> interval; None = not recorded), the paired effect of
+    each comparison (None: no paired test), its verdict and notes."""
 
     claim: Claim
     quantities: dict[str, Interval | None]
     verdict: str
     notes: list[str] = field(default_factory=list)
+    effects: list[PairedDiff | None] = field(default_factory=list)
 
     @property
     def missing(self) -> list[str]:
@@ -191,21 +196,44 @@ def _significance(left: Interval, right: Interval, factor: float) -> str:
     return "intervals overlap: not significant"
 
 
-def _judge(comparison: Comparison, left: Interval, right: Interval) -> tuple[bool, str]:
-    holds = _OPERATORS[comparison.op](left.mean, comparison.factor * right.mean)
-    note = _significance(left, right, comparison.factor)
-    if left.mean == 0.0 and right.mean == 0.0:
-        note += "; both are 0: no information"
-    elif math.isclose(left.mean, comparison.factor * right.mean, rel_tol=0.0, abs_tol=1e-12):
-        note += "; the means tie"
-    return holds, note
+def _paired(comparison: Comparison, items: Mapping[str, Mapping], n_boot: int, seed: int
+            ) -> tuple[PairedDiff | None, str]:
+    """The paired effect of ``comparison`` from the per-item scores, or None and why not."""
+    left, right = items.get(comparison.left), items.get(comparison.right)
+    if left is None or right is None:
+        return None, "no per-item scores: no paired test"
+    if left["item_set"] != right["item_set"]:
+        return None, f"scored on different items ({left['item_set']} vs {right['item_set']}): no paired test"
+    a, b = item_scores(left), item_scores(right)
+    try:
+        effect = paired_seed_bootstrap(a, b, comparison.factor, n_boot=n_boot, seed=seed)
+    except BadInputError as error:
+        return None, f"no paired test ({error.problem})"
+    seeds = max(len(a), len(b))
+    n_items = max(len(v) for v in a.values())
+    return effect, f"paired over {n_items} items x {seeds} seed{'s' if seeds > 1 else ''}"
 
 
-def evaluate_claims(metrics: Mapping[str, float], claims: Sequence[Claim] = CLAIMS, ci: float = 0.95) -> list[Row]:
-    """One :class:`Row` per claim on ``metrics`` (a flat dict as in ``metrics.json``)."""
+def _verdict(comparison: Comparison, effect: PairedDiff | None) -> str:
+    """Three-way: the interval of ``left - factor * right`` on the claimed side of 0, the other, or across."""
+    if effect is None:
+        return "inconclusive"
+    above = comparison.op in (">", ">=")
+    if (effect.low > 0.0) if above else (effect.high < 0.0):
+        return "reproduced"
+    if (effect.high < 0.0) if above else (effect.low > 0.0):
+        return "contradicted"
+    return "inconclusive"
+
+
+def evaluate_claims(metrics: Mapping[str, float], claims: Sequence[Claim] = CLAIMS, ci: float = 0.95,
+                    items: Mapping[str, Mapping] | None = None, n_boot: int = 2000, seed: int = 0) -> list[Row]:
+    """One :class:`Row` per claim on ``metrics`` (a flat dict as in ``metrics.json``) and ``items``
+    (the run's per-item scores, ``runs.read_items``; None: none, so no claim is decided)."""
     if not isinstance(metrics, Mapping):
         raise BadInputError("metrics", f"expected a dict of metric key -> number, got {type(metrics).__name__}",
                             "pass runs.read_metrics(run) or json.load of a metrics.json")
+    items = items or {}
     rows = []
     for claim in claims:
         values = {key: quantity(metrics, key, ci) for key in claim.keys}
@@ -213,13 +241,19 @@ def evaluate_claims(metrics: Mapping[str, float], claims: Sequence[Claim] = CLAI
         if missing:
             rows.append(Row(claim, values, "not measured", [f"missing: {', '.join(missing)}"]))
             continue
-        results = [_judge(c, values[c.left], values[c.right]) for c in claim.comparisons]
-        verdict = "reproduced" if all(holds for holds, _ in results) else "not reproduced"
-        if verdict == "reproduced" and all(values[c.left].mean == 0.0 and values[c.right].mean == 0.0
-                                           for c in claim.comparisons):
-            verdict = "inconclusive"  # "0 >= 0" holds and says nothing: every method failed alike
-        notes = [note if len(results) == 1 else f"({i + 1}) {note}" for i, (_, note) in enumerate(results)]
-        rows.append(Row(claim, values, verdict, notes))
+        effects, verdicts, notes = [], [], []
+        for c in claim.comparisons:
+            effect, how = _paired(c, items, n_boot, seed)
+            effects.append(effect)
+            verdicts.append(_verdict(c, effect))
+            note = f"{how}; {_significance(values[c.left], values[c.right], c.factor)}"
+            if values[c.left].mean == 0.0 and values[c.right].mean == 0.0:
+                note += "; both are 0: no information"
+            notes.append(note)
+        verdict = ("contradicted" if "contradicted" in verdicts else
+                   "reproduced" if all(v == "reproduced" for v in verdicts) else "inconclusive")
+        notes = [n if len(notes) == 1 else f"({i + 1}) {n}" for i, n in enumerate(notes)]
+        rows.append(Row(claim, values, verdict, notes, effects))
     return rows
 
 
@@ -238,23 +272,37 @@ def _measured(comparison: Comparison, quantities: Mapping[str, Interval | None])
             f"`{comparison.right}` {_cell(quantities[comparison.right])}")
 
 
+def _effect(comparison: Comparison, effect: PairedDiff | None) -> str:
+    if effect is None:
+        return "no paired test"
+    factor = "" if comparison.factor == 1.0 else f"{comparison.factor:g} × "
+    return f"left − {factor}right {effect.diff:+.3f} [{effect.low:+.3f}, {effect.high:+.3f}]"
+
+
 def claims_markdown(rows: Sequence[Row]) -> str:
-    """A markdown table: claim, paper and section, statement, measured quantities, verdict, note."""
-    lines = ["| claim | paper, section | statement | measured (mean, 95% interval over seeds) | verdict | note |",
-             "|---|---|---|---|---|---|"]
+    """A markdown table: claim, paper and section, statement, measured quantities, paired effect
+    with its 95% interval, verdict, note."""
+    lines = ["| claim | paper, section | statement | measured (mean, 95% interval over seeds) | "
+             "effect (95% paired interval) | verdict | note |", "|---|---|---|---|---|---|---|"]
     for row in rows:
         measured = "<br>".join(_measured(c, row.quantities) for c in row.claim.comparisons)
-        verdict = f"**{row.verdict}**" if row.verdict == "reproduced" else row.verdict
+        effects = "<br>".join(_effect(c, e) for c, e in zip(row.claim.comparisons, row.effects)) or "-"
+        verdict = f"**{row.verdict}**" if row.verdict in ("reproduced", "contradicted") else row.verdict
         lines.append(f"| `{row.claim.id}` | {row.claim.paper}, {row.claim.section} | {row.claim.statement} | "
-                     f"{measured} | {verdict} | {row.note} |")
+                     f"{measured} | {effects} | {verdict} | {row.note} |")
     counts = claims_metrics(rows)
-    lines += ["", f"{counts['eval.claims_reproduced']:.0f} of {counts['eval.claims_total']:.0f} claims reproduced "
-              f"({counts['eval.claims_measured']:.0f} measured)."]
+    lines += ["", f"{counts['eval.claims_reproduced']:.0f} of {counts['eval.claims_total']:.0f} claims reproduced, "
+              f"{counts['eval.claims_contradicted']:.0f} contradicted, {counts['eval.claims_inconclusive']:.0f} "
+              f"inconclusive ({counts['eval.claims_measured']:.0f} measured): a verdict needs the paired interval "
+              "of the effect wholly on one side of 0."]
     return "\n".join(lines)
 
 
 def claims_metrics(rows: Sequence[Row]) -> dict[str, float]:
-    """``eval.claims_reproduced``, ``eval.claims_measured`` and ``eval.claims_total`` (all claims)."""
-    return {"eval.claims_reproduced": float(sum(row.verdict == "reproduced" for row in rows)),
+    """``eval.claims_reproduced`` / ``_contradicted`` / ``_inconclusive`` (paired verdicts),
+    ``eval.claims_measured`` and ``eval.claims_total`` (all claims)."""
+    count = lambda verdict: float(sum(row.verdict == verdict for row in rows))  # noqa: E731
+    return {"eval.claims_reproduced": count("reproduced"), "eval.claims_contradicted": count("contradicted"),
+            "eval.claims_inconclusive": count("inconclusive"),
             "eval.claims_measured": float(sum(row.verdict != "not measured" for row in rows)),
             "eval.claims_total": float(len(rows))}

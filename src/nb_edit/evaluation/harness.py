@@ -52,6 +52,11 @@ from nb_edit.evaluation.stats import Interval, bootstrap_ci, spearman
 from nb_edit.rewards.single_turn import multi_perspective
 
 ORACLE_KEYS = ("oracle_followed", "oracle_preserved", "oracle_quality", "oracle_success")
+# The item lists a run scores its editors on, named for ``runs.record_items``: the held-out test
+# edits of ``data["test"]`` (notebooks 03, 05, 06) and the held-out multi-turn sequences (07). Two
+# figures are compared item by item only when they were scored on the same list.
+TEST_ITEMS = "shapes.test"
+MULTITURN_ITEMS = "multiturn.test"
 QUALITY_YES = 3.5  # a 0-5 quality score at or above this counts as "yes" (rewards.QUALITY_THRESHOLD)
 
 
@@ -490,6 +495,19 @@ def multiturn_outcomes(pipeline, sequences: Sequence, world_cfg: world.WorldConf
         inputs = outputs  # the next turn edits this turn's own output
     return {"success": success, "followed": followed, "preserved": preserved, "untouched_l1": l1,
             "chains": np.stack(chains, axis=1)}
+
+
+def multiturn_items(outcomes: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The per-sequence scores behind :func:`multiturn_summary`'s figures (their means are those
+    figures): ``turn{k}_success`` (turns 1..k all succeeded), ``turn{k}_task_success`` and
+    ``consistency`` (the sequence's share of preserved turns)."""
+    success = np.asarray(outcomes["success"], dtype=bool)
+    so_far = np.cumprod(success, axis=1).astype(float)
+    items = {"consistency": np.asarray(outcomes["preserved"], dtype=float).mean(axis=1)}
+    for k in range(success.shape[1]):
+        items[f"turn{k + 1}_success"] = so_far[:, k]
+        items[f"turn{k + 1}_task_success"] = success[:, k].astype(float)
+    return items
 
 
 def multiturn_summary(outcomes: Mapping[str, np.ndarray]) -> dict[str, float]:

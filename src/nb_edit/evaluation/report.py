@@ -1,7 +1,8 @@
 """The run report: ``papermill_runs/<run_id>/report.md``.
 
-It opens with the paper-claims table (``claims.evaluate_claims`` on the run's metrics: each
-claim's quantities with their intervals over seeds and whether it reproduces), then lists every
+It opens with the paper-claims table (``claims.evaluate_claims`` on the run's metrics and per-item
+scores: each claim's quantities with their intervals over seeds, the paired effect with its 95%
+interval and the three-way verdict), then lists every
 metric of the run's ``metrics.json`` (grouped by their first name part, with the seed-study
 ``.sd``/``.n`` and the bootstrap ``.ci_low``/``.ci_high`` of notebook 08 folded into the mean's
 row) and shows every figure the notebooks saved under ``figures/``.
@@ -13,7 +14,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from nb_edit.core.runs import Run, read_metrics
+from nb_edit.core.runs import Run, read_items, read_metrics
 from nb_edit.evaluation.claims import claims_markdown, evaluate_claims
 
 FOLDED = (".sd", ".n", ".ci_low", ".ci_high")  # suffixes shown in the row of the key they qualify
@@ -56,7 +57,7 @@ def write_report(run: Run, title: str | None = None, to: Path | None = None) -> 
     config_path = run.dir / "config.json"
     config = json.loads(config_path.read_text()) if config_path.exists() else {}
     lines = [f"# {title or 'nb-edit run ' + run.run_id}", ""]
-    lines += ["## Paper claims", "", claims_markdown(evaluate_claims(metrics)), ""]
+    lines += ["## Paper claims", "", claims_markdown(evaluate_claims(metrics, items=read_items(run))), ""]
     if config:
         settings = ", ".join(f"{k}={v}" for k, v in sorted(config.get("parameters", {}).items()))
         lines += ["## Run", "", f"Parameters: {settings or '(defaults)'}", ""]

@@ -18,6 +18,9 @@ an interval of the difference, not about two point estimates.
 - :func:`paired_bootstrap_diff`: both methods scored on the *same* items; resampling item indices
   jointly keeps the pairing, so item difficulty cancels and the interval of ``stat(a) - stat(b)``
   is much narrower than two independent intervals would suggest.
+- :func:`paired_seed_bootstrap`: the same over several training seeds, as a two-level bootstrap
+  (Davison & Hinkley, sec. 3.8): resample the seeds, then the items within each drawn seed,
+  always the same items for both methods.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from scipy import stats as scipy_stats
 from nb_edit.core.validation import BadInputError
 
 __all__ = ["Interval", "PairedDiff", "SingleSeedWarning", "bootstrap_ci", "mean_ci_from_summary",
-           "mean_ci_over_seeds", "paired_bootstrap_diff", "spearman"]
+           "mean_ci_over_seeds", "paired_bootstrap_diff", "paired_seed_bootstrap", "spearman"]
 
 
 class SingleSeedWarning(UserWarning):
@@ -211,3 +214,45 @@ def paired_bootstrap_diff(a, b, n_boot: int = 1000, ci: float = 0.95, seed: int 
     tail = (1.0 - ci) / 2.0
     low, high = np.quantile(diffs, [tail, 1.0 - tail])
     return PairedDiff(float(stat(x) - stat(y)), float(low), float(high), float(np.mean(diffs <= 0.0)))
+
+
+def paired_seed_bootstrap(a: dict, b: dict, factor: float = 1.0, n_boot: int = 2000, ci: float = 0.95,
+                          seed: int = 0) -> PairedDiff:
+    """Two-level paired bootstrap of ``mean(a) - factor * mean(b)`` over seeds and items.
+
+    ``a`` and ``b`` map a training seed to one score per item, the same items in the same order
+    for both. The effect is the mean over seeds of the per-seed difference of means. Each resample
+    draws the seeds with replacement (the second level: training noise) and, within each drawn
+    seed, the items with replacement, the same indices for ``a`` and ``b`` (the pairing: item
+    difficulty cancels). A side measured once (one seed: a shipped model, which training seeds do
+    not change) is paired with every seed of the other. Items NaN on either side are left out.
+    """
+    _check_level(ci, n_boot)
+    if len(a) > 1 and len(b) == 1:
+        b = {s: next(iter(b.values())) for s in a}
+    elif len(b) > 1 and len(a) == 1:
+        a = {s: next(iter(a.values())) for s in b}
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        raise BadInputError("a, b", f"no seed in common ({sorted(a)} vs {sorted(b)})",
+                            "score both methods with the same training seeds")
+    pairs = []
+    for s in seeds:
+        x, y = np.asarray(a[s], dtype=np.float64), np.asarray(b[s], dtype=np.float64)
+        if x.shape != y.shape or x.ndim != 1:
+            raise BadInputError("a, b", f"seed {s}: {x.shape} vs {y.shape} items; a paired test needs both "
+                                "methods on the same items", "evaluate both methods on one item list")
+        keep = np.isfinite(x) & np.isfinite(y)
+        if not keep.any():
+            raise BadInputError("a, b", f"seed {s}: no item scored on both sides", "check the per-item scores")
+        pairs.append(x[keep] - factor * y[keep])
+    rng = np.random.default_rng(seed)
+    k = len(pairs)
+    drawn = rng.integers(0, k, size=(n_boot, k)) if k > 1 else np.zeros((n_boot, 1), dtype=int)
+    # slot (draw, position) holds seed drawn[draw, position] with items resampled afresh for it
+    means = np.stack([d[rng.integers(0, d.size, size=(n_boot, k, d.size))].mean(axis=2) for d in pairs])
+    diffs = np.take_along_axis(means, drawn[None], axis=0)[0].mean(axis=1)
+    tail = (1.0 - ci) / 2.0
+    low, high = np.quantile(diffs, [tail, 1.0 - tail])
+    effect = float(np.mean([d.mean() for d in pairs]))
+    return PairedDiff(effect, float(low), float(high), float(np.mean(diffs <= 0.0)))

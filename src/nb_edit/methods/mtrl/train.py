@@ -56,7 +56,7 @@ from nb_edit.core.config import TrainingConfig
 from nb_edit.core.images import to_tensor, to_uint8
 from nb_edit.core.runtime import Placement, placement, to_device, trainable_in_fp32
 from nb_edit.data.sequences import sequences_from
-from nb_edit.evaluation.harness import multiturn_outcomes, multiturn_summary
+from nb_edit.evaluation.harness import multiturn_items, multiturn_outcomes, multiturn_summary
 from nb_edit.flow.pipeline import Conditioning, EditPipeline
 from nb_edit.flow.sampling import SdeTrajectory, add_noise, batch_t, randn_like, sde_sample, sde_step_with_logprob
 from nb_edit.methods.mtrl.policy import ema_update, grpo_loss, kl_to_reference, nft_loss, normalise_rewards_01
@@ -505,7 +505,7 @@ def train_mtrl(cfg: MTRLConfig, dataset, ckpt_dir: Path, device: torch.device | 
 
 # ------------------------------------------------------------------------------------ evaluation
 def evaluate_multiturn(pipeline, sequences, world_cfg: world.WorldConfig | None = None, steps: int = 4,
-                       seed: int = 0, n_turns: int | None = None) -> dict[str, float]:
+                       seed: int = 0, n_turns: int | None = None, items: bool = False):
     """EdiVal-style multi-turn scores of ``pipeline`` (anything with ``edit``) by the oracle.
 
     ``sequences``: a dataset (e.g. ``shapesworld(settings)["multiturn"].split("test")``) or a
@@ -519,7 +519,11 @@ def evaluate_multiturn(pipeline, sequences, world_cfg: world.WorldConfig | None 
       changed beyond its tolerances); ``consistency_l1``: mean |output - input| on [-1, 1] over the
       pixels the turn's edit does not touch (``Edit.region`` of the ideal scenes), a finer reading
       of the same thing; ``followed``: the oracle's followed share.
+
+    With ``items`` it returns ``(figures, per-sequence scores)``, the second from
+    ``harness.multiturn_items`` (what ``runs.record_items`` keeps for the claims' paired tests).
     """
     world_cfg = world_cfg or world.WorldConfig()
     seqs = sequences if isinstance(sequences, list) else sequences_from(sequences, n_turns, world_cfg)
-    return multiturn_summary(multiturn_outcomes(pipeline, seqs, world_cfg, steps=steps, seed=seed, n_turns=n_turns))
+    outcomes = multiturn_outcomes(pipeline, seqs, world_cfg, steps=steps, seed=seed, n_turns=n_turns)
+    return (multiturn_summary(outcomes), multiturn_items(outcomes)) if items else multiturn_summary(outcomes)

@@ -242,6 +242,30 @@ def test_failure_texts_name_object_and_attribute():
     assert out["quality_text"] == ["None"] * 3
 
 
+@pytest.mark.parametrize("world_name", ["small", "rich"])
+def test_no_condition_text_holds_an_unknown_token_or_is_cut(world_name):
+    """Every failure text the editor can read as its condition reaches it word for word: "None",
+    "not" and "unknown" included (without them "is blue" and "is not blue" read alike)."""
+    from nb_edit.methods.multireward.condition import BEST_TEXT, UNKNOWN_TEXT, join_failure_texts
+    from nb_edit.rewards.single_turn import FOLLOWING_FALLBACK, PRESERVING_FALLBACK, QUALITY_FAILURE
+    from nb_edit.standins.editors import world_tokenizer
+
+    cfg = world.preset(world_name)
+    tokenizer = world_tokenizer(cfg)
+    rng = np.random.default_rng(0)
+    texts = [BEST_TEXT, UNKNOWN_TEXT, join_failure_texts(FOLLOWING_FALLBACK, PRESERVING_FALLBACK, QUALITY_FAILURE)]
+    for _ in range(400):
+        edit = world.sample_edit(world.sample_scene(rng, cfg), rng, cfg)
+        names = sorted({o.name for o in edit.source.objects})
+        preserving = f"the {' and the '.join(names)} changed"  # the judge's text: what changed, by name
+        texts.append(join_failure_texts(not_followed_text(edit.instruction, edit.edit_type), preserving,
+                                        QUALITY_FAILURE))
+    for text in texts:
+        ids = tokenizer(text)["input_ids"]
+        assert tokenizer.unk_token_id not in ids, (text, tokenizer.convert_ids_to_tokens(ids))
+        assert len(ids) <= tokenizer.model_max_length, (text, len(ids))
+
+
 def test_failure_texts_for_remove_and_questions_the_judge_cannot_see():
     edit = _edit("remove")
     gone = edit.source.objects[edit.obj_index].name

@@ -15,7 +15,9 @@ hidden size), so one text encoder serves both backbones.
 from __future__ import annotations
 
 TINY_TEXT_DIM = 32
-TINY_MAX_TEXT_LENGTH = 24
+# tokens per text, [BOS] and [EOS] included: the longest text an editor reads is Multi-Reward's
+# joined failure texts (three clauses, up to 25 tokens in the rich world)
+TINY_MAX_TEXT_LENGTH = 32
 TINY_PIXEL_CHANNELS = 3
 TINY_DIT_PATCH = 4
 

@@ -146,13 +146,33 @@ class OracleReward:
 # tokens) and per perspective a failure text that NAMES what failed. In ShapesWorld the text is
 # assembled from targeted yes/no questions about the objects the captions and the instruction
 # name ("does image 2 contain a red circle?"); a full-profile VLM can write it instead through
-# ``failure_text_fn``. The tiny text encoder's vocabulary holds the world's words, so object
-# and attribute names reach the editor intact while joiners such as "not" / "still" do not.
+# ``failure_text_fn``. The tiny text encoder's vocabulary holds the world's words and every word
+# of these texts (``failure_text_words``), so "not" and "None" reach the editor as words.
 
 PERSPECTIVES = ("following", "preserving", "quality")
 NO_FAILURE = "None"
+UNKNOWN_TEXT = "unknown"  # the failure text of a dropped condition (Multi-Reward's "unknown" reward)
 QUALITY_FAILURE = "the picture is noisy or blurred"
 PRESERVING_FALLBACK = "the rest of the image changed"
+FAILURE_JOINER = "; "  # Concat[T_f, T_p, T_q] of Multi-Reward eq. 5
+# What a following failure says, per edit type (placeholders: the instruction's slots, ``ref`` the
+# object it names, ``new`` the object it adds); ``FOLLOWING_FALLBACK`` when the instruction is not read.
+FOLLOWING_FAILURES = {
+    "colour": "the {ref} is not {colour}",
+    "replace": "the {ref} is not a {shape}",
+    "add": "there is no {new}",
+    "remove": "the {ref} is still there",
+    "texture": "the {ref} is not {texture}",
+    "resize:bigger": "the {ref} is not bigger",
+    "resize:smaller": "the {ref} is not smaller",
+    "move": "the {ref} did not move {direction}",
+    "background": "the background is not {bg}",
+    "style:grayscale": "the picture is not grayscale",
+    "style:invert": "the colours are not inverted",
+    "count": "there is no second {ref}",
+    "noop": "the image changed",
+}
+FOLLOWING_FALLBACK = "the edit was not carried out"
 QUALITY_THRESHOLD = 3.5  # a quality score below this gets the quality failure text
 
 # (sources [N], outputs [N], questions [N]) -> bool [N]: did the judge answer "yes"?
@@ -206,23 +226,18 @@ def read_edit(instruction: str, edit_type: str | None = None) -> InstructionRead
 def not_followed_text(instruction: str, edit_type: str | None = None) -> str:
     """The following failure when the requested change is absent, naming object and attribute."""
     r = read_edit(instruction, edit_type)
-    ref, s = r.ref or "object", r.slots
-    phrases = {
-        "colour": lambda: f"the {ref} is not {s['colour']}",
-        "replace": lambda: f"the {ref} is not a {s['shape']}",
-        "add": lambda: f"there is no {next(iter(r.new), 'new object')}",
-        "remove": lambda: f"the {ref} is still there",
-        "texture": lambda: f"the {ref} is not {s['texture']}",
-        "resize:bigger": lambda: f"the {ref} is not bigger",
-        "resize:smaller": lambda: f"the {ref} is not smaller",
-        "move": lambda: f"the {ref} did not move {s['direction']}",
-        "background": lambda: f"the background is not {s['bg']}",
-        "style:grayscale": lambda: "the picture is not grayscale",
-        "style:invert": lambda: "the colours are not inverted",
-        "count": lambda: f"there is no second {ref}",
-        "noop": lambda: "the image changed",
-    }
-    return phrases[r.key]() if r.key in phrases else "the edit was not carried out"
+    if r.key not in FOLLOWING_FAILURES:
+        return FOLLOWING_FALLBACK
+    return FOLLOWING_FAILURES[r.key].format(**{**r.slots, "ref": r.ref or "object",
+                                               "new": next(iter(r.new), "new object")})
+
+
+def failure_text_words() -> list[str]:
+    """Every word the failure texts add to a world's (object, attribute and direction names come from
+    the world's vocabulary), for the word-level tokenizer of the editor that reads them."""
+    texts = [NO_FAILURE, UNKNOWN_TEXT, QUALITY_FAILURE, PRESERVING_FALLBACK, FAILURE_JOINER, FOLLOWING_FALLBACK,
+             "object new", "the and is still there changed", *FOLLOWING_FAILURES.values()]  # + the judge's own
+    return sorted({w for text in texts for w in text.replace("{", " {").split() if not w.startswith("{")})
 
 
 def judge_yes(reward_judge: JudgeReward, chunk: int = 64) -> YesFn:

@@ -36,6 +36,7 @@ from nb_edit.models.loaders import load_teacher, load_text_encoder, save_compone
 from nb_edit.models.text import NULL_TEXT, build_tiny_text_encoder, build_tokenizer
 from nb_edit.models.tiny_configs import tiny_flux_config, tiny_unet_config
 from nb_edit.models.vlm import questions
+from nb_edit.rewards.single_turn import failure_text_words
 from nb_edit.training.loop import LoopConfig, train
 
 
@@ -90,9 +91,10 @@ def build_teacher(backbone: str, resolution: int, unet_blocks: tuple):
 
 
 def world_tokenizer(world_cfg: world.WorldConfig, save_dir: Path | None = None):
-    """The word-level tokenizer of the tiny text encoder: the world's words and the judge's."""
-    return build_tokenizer([" ".join(world.vocabulary(world_cfg)), " ".join(questions.template_words())],
-                           save_dir=save_dir)
+    """The word-level tokenizer of the tiny text encoder: the world's words, the judge's, and those
+    of the failure texts Multi-Reward's editor reads as its condition."""
+    return build_tokenizer([" ".join(world.vocabulary(world_cfg)), " ".join(questions.template_words()),
+                            " ".join(failure_text_words())], save_dir=save_dir)
 
 
 def _rng(seed: int, step: int, stream: int) -> np.random.Generator:

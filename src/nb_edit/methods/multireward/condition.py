@@ -43,11 +43,10 @@ from torch import Tensor, nn
 from nb_edit.core.images import check_image_tensor, to_tensor
 from nb_edit.flow.losses import cfg_velocity
 from nb_edit.flow.pipeline import Conditioning, EditPipeline
-from nb_edit.rewards.single_turn import NO_FAILURE
+from nb_edit.rewards.single_turn import FAILURE_JOINER, NO_FAILURE, UNKNOWN_TEXT
 
 BEST_SCORES = (5.0, 5.0, 5.0)
-BEST_TEXT = "; ".join([NO_FAILURE] * 3)  # "None; None; None"
-UNKNOWN_TEXT = "unknown"  # the failure text of a dropped condition
+BEST_TEXT = FAILURE_JOINER.join([NO_FAILURE] * 3)  # "None; None; None"
 # Smallest sinusoid frequency 1 / SCORE_MAX_PERIOD: its phase stays below pi / 2 over the 0-5
 # range, so at least one component is monotone in the score.
 SCORE_MAX_PERIOD = 10
@@ -68,7 +67,7 @@ def sinusoidal_embedding(values: Tensor, dim: int, max_period: float = SCORE_MAX
 
 def join_failure_texts(following: str, preserving: str, quality: str) -> str:
     """The reward text ``Concat[T_f, T_p, T_q]`` of Multi-Reward eq. 5."""
-    return "; ".join([following, preserving, quality])
+    return FAILURE_JOINER.join([following, preserving, quality])
 
 
 @dataclass

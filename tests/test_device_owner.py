@@ -228,6 +228,14 @@ def test_new_settings_leave_earlier_runs_found_and_resumable(tmp_path):
     mr = MultiRewardConfig.for_profile("smoke")
     assert set(mr.to_dict()) - set(mr.identity()) == {"dtype", "quantization", "gradient_checkpointing",
                                                       "gradient_accumulation_steps", "judge_id"}
+    from nb_edit.methods.mtrl.train import MTRLConfig
+
+    # DiffusionNFT's fixed normaliser is the new default: a run with the batch-wide maximum (what
+    # every earlier run used) keeps its cache key; the new default is a new run
+    rl = MTRLConfig.for_profile("smoke")
+    assert rl.nft_r_scale == 5.0 and "nft_r_scale" in rl.identity()
+    assert set(rl.to_dict()) - set(rl.replace(nft_r_scale=None).identity()) == {"dtype", "quantization",
+                                                                                "nft_r_scale"}
 
     def run(steps, run_config):
         torch.manual_seed(0)

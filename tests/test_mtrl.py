@@ -10,6 +10,7 @@ from nb_edit import world
 from nb_edit.core.images import to_tensor
 from nb_edit.flow.pipeline import Conditioning
 from nb_edit.flow.sampling import flow_sigmas
+from nb_edit.methods.mtrl.policy import normalise_rewards_01
 from nb_edit.methods.mtrl.train import (
     MTRLConfig,
     compute_advantages,
@@ -239,10 +240,20 @@ def test_grpo_smoke_training_updates_the_lora(data, clean_editor, tiny_judge, tm
     assert out.shape == (1, 32, 32, 3)
 
 
-def test_nft_smoke_training_moves_policy_and_old_policy(data, clean_editor, tmp_path):
+def test_nft_smoke_training_moves_policy_and_old_policy(data, clean_editor, tmp_path, monkeypatch):
+    import nb_edit.methods.mtrl.train as mtrl_train
+
+    scales = []  # the reward -> r map gets the config's normaliser (DiffusionNFT's fixed one)
+
+    def recording(advantages, scale=None):
+        scales.append(scale)
+        return normalise_rewards_01(advantages, scale)
+
+    monkeypatch.setattr(mtrl_train, "normalise_rewards_01", recording)
     cfg = MTRLConfig.for_profile("smoke", algorithm="nft", reward="oracle", advantage="perturn",
                                  policy_id=str(clean_editor))
     pipe, history = train_mtrl(cfg, data["multiturn"], tmp_path / "ckpt", progress=False)
+    assert scales and set(scales) == {cfg.nft_r_scale} == {5.0}
     assert len(history) == cfg.steps and all(np.isfinite(h["loss"]) and h["skipped"] == 0 for h in history)
     assert {"err_positive", "err_negative", "reward_if_turn1"} <= set(history[0])
     assert _changed(pipe.model, "policy") and _changed(pipe.model, "old")  # old follows the policy slowly

@@ -77,6 +77,11 @@ def test_normalise_rewards_01():
     # fixed scale 1 clips: [-2, 0, 1] -> [-1, 0, 1] -> [0, 0.5, 1]
     assert normalise_rewards_01(torch.tensor([-2.0, 0.0, 1.0]), scale=1.0).tolist() == pytest.approx([0.0, 0.5, 1.0])
     assert normalise_rewards_01(torch.zeros(3)).tolist() == [0.5, 0.5, 0.5]
+    # DiffusionNFT's fixed normaliser (5, MTRLConfig's default) on group-normalised advantages: a
+    # batch whose advantages are all small keeps r near 0.5 instead of being stretched to [0, 1]
+    small = normalise_rewards_01(torch.tensor([-0.5, 0.0, 0.5]), scale=5.0)
+    assert small.tolist() == pytest.approx([0.45, 0.5, 0.55])
+    assert normalise_rewards_01(torch.tensor([-7.0, 6.0]), scale=5.0).tolist() == pytest.approx([0.0, 1.0])
 
 
 def test_ema_update_modules_and_dicts():

@@ -77,9 +77,10 @@ def nft_loss(v_theta: Tensor, v_old: Tensor, v_target: Tensor, r: Tensor, beta: 
 def normalise_rewards_01(advantages: Tensor, scale: float | None = None) -> Tensor:
     """Map advantages to DiffusionNFT's ``r`` in [0, 1]: ``0.5 + 0.5 * clip(adv / scale, -1, 1)``.
 
-    ``scale`` defaults to the batch's ``max |adv|`` (the best sample gets 1, the worst 0 when
-    symmetric); a fixed ``scale`` clips outliers instead. Zero advantage gives 0.5, where the two
-    terms of the loss balance and only pull ``v`` toward ``v_old``.
+    A fixed ``scale`` is DiffusionNFT's normaliser (5 on group-normalised advantages, which also
+    clips outliers; ``MTRLConfig.nft_r_scale``); None takes the batch's ``max |adv|`` (the best
+    sample gets 1, the worst 0 when symmetric). Zero advantage gives 0.5, where the two terms of
+    the loss balance and only pull ``v`` toward ``v_old``.
     """
     advantages = advantages.float()
     if scale is None:

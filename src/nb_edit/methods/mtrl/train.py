@@ -115,6 +115,10 @@ class MTRLConfig(TrainingConfig):
     kl_weight: float = 0.01
     nft_beta: float = 1.0  # DiffusionNFT's b in v+- = (1 -+ b) v_old +- b v
     nft_old_decay: float = 0.9  # old <- decay * old + (1 - decay) * policy, once per optimizer step
+    # DiffusionNFT's reward -> r map, r = 0.5 + 0.5 clip(A / Z, -1, 1) on the group-normalised
+    # advantage A: Z fixed as DiffusionNFT defines it (its advantage clip, 5); None = the batch's
+    # largest |A| (the best sample of each batch gets r = 1, whatever its reward)
+    nft_r_scale: float | None = 5.0
     lora_rank: int = 8
     steps: int = 20  # optimizer steps (tiny: the main job's budget; the seed study sets its own)
     lr: float = 1e-4
@@ -125,6 +129,7 @@ class MTRLConfig(TrainingConfig):
     track_oracle: bool = True  # the oracle's success on the rollouts: the "gold" curve against hacking
     world: dict = dataclasses.field(default_factory=lambda: world.WorldConfig().to_dict())
 
+    ADDED_LATER: ClassVar[dict[str, Any]] = {**TrainingConfig.ADDED_LATER, "nft_r_scale": None}
     PROFILES: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": {},
         "smoke": dict(steps=2, group_size=2, groups_per_step=2, sampling_steps=2, train_steps=1,
@@ -145,6 +150,9 @@ class MTRLConfig(TrainingConfig):
                                  f"use one of {', '.join(allowed)}.")
         if self.group_size < 2:
             raise ValueError(f"MTRLConfig.group_size={self.group_size}: a group needs >= 2 trajectories to normalise.")
+        if self.nft_r_scale is not None and not self.nft_r_scale > 0:
+            raise ValueError(f"MTRLConfig.nft_r_scale={self.nft_r_scale}: use a positive normaliser (DiffusionNFT: 5) "
+                             "or null for the batch's largest |advantage|.")
         if not 1 <= self.train_steps <= self.sampling_steps:
             raise ValueError(f"MTRLConfig.train_steps={self.train_steps} must be in "
                              f"[1, sampling_steps={self.sampling_steps}].")
@@ -444,7 +452,7 @@ class MTRLTrainer:
             picked.append(adv.per_step[rows, turn, 0])
         if not v_theta:
             return self._nothing_to_learn(), {}
-        r = normalise_rewards_01(torch.cat(picked)).to(self.device)  # advantage -> r in [0, 1]
+        r = normalise_rewards_01(torch.cat(picked), self.cfg.nft_r_scale).to(self.device)  # advantage -> r in [0, 1]
         return nft_loss(torch.cat(v_theta), torch.cat(v_old), torch.cat(v_target), r, self.cfg.nft_beta)
 
     def _nothing_to_learn(self) -> Tensor:

@@ -22,6 +22,7 @@ def test_paths_do_not_depend_on_working_directory(tmp_path, monkeypatch):
 def test_profiles_and_smoke_override(monkeypatch):
     monkeypatch.delenv("NB_EDIT_SMOKE", raising=False)
     assert RunSettings.for_profile("tiny").resolution == 32
+    assert RunSettings.for_profile("tiny").n_eval >= 512  # the main job's figures: intervals of about +-0.04
     assert RunSettings.for_profile("full").mixed_precision == "bf16"
     monkeypatch.setenv("NB_EDIT_SMOKE", "1")
     assert resolve_profile("tiny") == "smoke"

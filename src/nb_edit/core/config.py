@@ -187,7 +187,8 @@ class RunSettings(StageConfig):
     num_threads: int = dataclasses.field(default_factory=lambda: int(os.environ.get(THREADS_ENV, "2")))
 
     PROFILES: ClassVar[dict[str, dict[str, Any]]] = {
-        "tiny": dict(resolution=32),
+        # 512 held-out test edits: a success rate's 95% interval is about +-0.04 (256 gave +-0.06)
+        "tiny": dict(resolution=32, n_eval=512),
         "smoke": dict(resolution=32, n_eval=16, n_probe=40, n_train_scenes=24, n_sequences=6, n_test_sequences=6),
         "full": dict(resolution=512, n_eval=512, mixed_precision="bf16", num_threads=8),
     }

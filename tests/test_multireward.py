@@ -110,6 +110,36 @@ def test_condition_gets_gradients_at_zero_init():
     assert condition.attention.to_out[0].weight.grad.abs().sum() > 0
 
 
+def test_eq3_after_each_unet_block_starts_silent_reaches_the_output_and_round_trips(tmp_path):
+    """``injection="blocks"``: eq. 3 as written, one zero-initialised Linear_2 per UNet block."""
+    from nb_edit.methods.export import attach_reward_condition, save_reward_condition
+
+    editor = build_editor("unet", tiny_unet_config())
+    condition = RewardCondition.for_editor(editor, TINY_TEXT_DIM, injection="blocks")
+    model = RewardConditionedEditor(editor, condition)
+    widths = [dim for _, dim in editor.block_modules()]
+    assert [layer.out_features for layer in condition.to_blocks] == widths and len(widths) == 7  # 3 down, mid, 3 up
+    x_t, t, text, pooled, source = _inputs()
+    reward = _reward([[5.0, 5.0, 5.0]] * 2)
+    with torch.no_grad():
+        plain = editor(x_t, t, text, pooled, source)
+        assert torch.allclose(model(x_t, t, text, pooled, source, reward=reward), plain)  # silent at init
+    model(x_t, t, text, pooled, source, reward=reward).square().mean().backward()
+    assert all(layer.weight.grad.abs().sum() > 0 for layer in condition.to_blocks)  # every block's linear learns
+    assert condition.to_time.weight.grad is None  # the time embedding is not used in this mode
+    with torch.no_grad():
+        condition.attention.to_out[0].weight.zero_()  # the blocks' path alone carries the condition
+        for layer in condition.to_blocks:
+            layer.weight.normal_(0, 0.5)
+        blocks_only = model(x_t, t, text, pooled, source, reward=reward)
+    assert (blocks_only - plain).abs().max() > 1e-3
+    save_reward_condition(condition, tmp_path)
+    again = attach_reward_condition(build_editor("unet", tiny_unet_config()), tmp_path)
+    assert [layer.out_features for layer in again.condition.to_blocks] == widths
+    with pytest.raises(ValueError, match="eq. 3"):
+        RewardCondition.for_editor(build_editor("dit", tiny_flux_config()), TINY_TEXT_DIM, injection="blocks")
+
+
 class _TextEncoderStub(torch.nn.Module):
     """Deterministic pooled vectors per text: enough for the pipeline's plumbing."""
 

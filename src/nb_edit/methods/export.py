@@ -53,7 +53,8 @@ def condition_sizes(condition: RewardCondition) -> dict[str, int]:
     """The ``RewardCondition(...)`` arguments that rebuild ``condition``'s shapes."""
     return {"text_dim": condition.text_proj[0].in_features, "time_embedding_dim": condition.to_time.out_features,
             "feature_dim": condition.to_tokens.out_features, "score_dim": condition.score_dim,
-            "hidden_dim": condition.to_tokens.in_features, "heads": condition.attention.heads}
+            "hidden_dim": condition.to_tokens.in_features, "heads": condition.attention.heads,
+            "block_dims": [layer.out_features for layer in condition.to_blocks]}
 
 
 def save_reward_condition(condition: RewardCondition, folder: str | Path) -> Path:
@@ -78,6 +79,7 @@ def load_reward_condition(folder: str | Path) -> RewardCondition:
                             "export a Multi-Reward run (variant 'reward') with export_checkpoint") from error
     sizes = {name: int(info[name]) for name in ("text_dim", "time_embedding_dim", "feature_dim", "score_dim",
                                                 "hidden_dim", "heads")}
+    sizes["block_dims"] = [int(d) for d in info.get("block_dims", [])]  # eq. 3 per block (absent: none)
     condition = RewardCondition(**sizes)
     condition.load_state_dict(state)  # strict: a file of another shape fails here, not in the forward
     return condition.eval()
@@ -88,6 +90,8 @@ def attach_reward_condition(editor, folder: str | Path) -> RewardConditionedEdit
     condition = load_reward_condition(folder)
     sizes = condition_sizes(condition)
     wanted = {"time_embedding_dim": editor.time_embedding_dim, "feature_dim": editor.input_feature_dim}
+    if sizes["block_dims"]:  # eq. 3 per block: the same blocks, the same widths
+        wanted["block_dims"] = [dim for _, dim in editor.block_modules()] if hasattr(editor, "block_modules") else []
     wrong = {name: (sizes[name], value) for name, value in wanted.items() if sizes[name] != value}
     if wrong:
         raise BadInputError(folder, f"its reward condition was made for another editor (saved vs this editor: {wrong})",
@@ -99,10 +103,12 @@ def attach_reward_condition(editor, folder: str | Path) -> RewardConditionedEdit
 def _condition_from_weights(weights: dict[str, torch.Tensor], heads: int) -> RewardCondition:
     state = {key[len(CONDITION_PREFIX):]: t for key, t in weights.items() if key.startswith(CONDITION_PREFIX)}
     hidden, score_in = state["score_mlp.0.weight"].shape
+    blocks = sorted(int(k.split(".")[1]) for k in state if k.startswith("to_blocks.") and k.endswith(".weight"))
     condition = RewardCondition(text_dim=state["text_proj.0.weight"].shape[1],
                                 time_embedding_dim=state["to_time.weight"].shape[0],
                                 feature_dim=state["to_tokens.weight"].shape[0], score_dim=score_in // 3,
-                                hidden_dim=hidden, heads=heads)
+                                hidden_dim=hidden, heads=heads,
+                                block_dims=[state[f"to_blocks.{i}.weight"].shape[0] for i in blocks])
     condition.load_state_dict(state)
     return condition
 

@@ -149,6 +149,15 @@ class UNetEditor(Editor):
     def input_feature_dim(self) -> int:
         return self.backbone.config.block_out_channels[0]
 
+    def block_modules(self) -> list[tuple[nn.Module, int]]:
+        """The UNet's blocks in the order the input meets them (down, mid, up), each with the
+        channels of its output: where an extra signal can be added after every block."""
+        channels = list(self.backbone.config.block_out_channels)
+        blocks = [(b, c) for b, c in zip(self.backbone.down_blocks, channels)]
+        blocks.append((self.backbone.mid_block, channels[-1]))
+        blocks += [(b, c) for b, c in zip(self.backbone.up_blocks, reversed(channels))]
+        return blocks
+
     def _unet(self, x, timestep, source_latents, text_states):
         if self.takes_reference:
             reference = torch.zeros_like(x) if source_latents is None else source_latents.to(x.dtype)

@@ -8,10 +8,13 @@ of the editor, so that noisy supervision is explained rather than imitated:
 * failure texts joined by "; " -> the editor's own text encoder, POOLED output -> linear
   layers (eq. 5);
 * the two embeddings, each with a type embedding, form the reward condition ``c_R``:
-  (1) ``Linear_2(c_R)`` is ADDED to the timestep embedding, so every block sees it (eq. 3;
-  ``Editor.forward(extra_time_embedding=...)``), and (2) ``Linear_1(c_R)`` gives 2 key/value
-  tokens of a small cross-attention whose queries are the feature tokens right after the
-  input layer (UNet ``conv_in``, DiT ``x_embedder``): ``Z'' = Z' + CA(Z', Linear_1(c_R))`` (eq. 2).
+  (1) ``Linear_2(c_R)`` reaches every block: by default ADDED to the timestep embedding, which
+  every resnet block reads (``Editor.forward(extra_time_embedding=...)``); with
+  ``injection="blocks"`` as eq. 3 writes it, ``z_i = UB_{i-1}(z_{i-1}) + Linear_2(c_R)``, one
+  linear per UNet block added to that block's output (UNet only); and (2) ``Linear_1(c_R)``
+  gives 2 key/value tokens of a small cross-attention whose queries are the feature tokens
+  right after the input layer (UNet ``conv_in``, DiT ``x_embedder``):
+  ``Z'' = Z' + CA(Z', Linear_1(c_R))`` (eq. 2).
 
 Both paths end in ZERO-initialised layers, so a pretrained editor wrapped in
 :class:`RewardConditionedEditor` computes exactly what it computed before training.
@@ -50,6 +53,8 @@ BEST_TEXT = FAILURE_JOINER.join([NO_FAILURE] * 3)  # "None; None; None"
 # Smallest sinusoid frequency 1 / SCORE_MAX_PERIOD: its phase stays below pi / 2 over the 0-5
 # range, so at least one component is monotone in the score.
 SCORE_MAX_PERIOD = 10
+# where Linear_2(c_R) enters (eq. 3): the timestep embedding, or the output of every UNet block
+INJECTIONS = ("time_embedding", "blocks")
 
 
 def sinusoidal_embedding(values: Tensor, dim: int, max_period: float = SCORE_MAX_PERIOD) -> Tensor:
@@ -82,12 +87,14 @@ class RewardInputs:
 class RewardCondition(nn.Module):
     """The multi-reward condition module (MRC) and the reward encoder.
 
-    ``forward(RewardInputs) -> (time_embedding [B, T], tokens [B, 2, C])``; ``attend(features,
-    tokens)`` is the residual cross-attention on the first feature tokens.
+    ``forward(RewardInputs) -> (time_embedding [B, T] or None, tokens [B, 2, C], per-block
+    offsets [B, C_i])``; ``attend(features, tokens)`` is the residual cross-attention on the first
+    feature tokens. With ``block_dims`` (the channels of each UNet block's output) eq. 3 is taken
+    as written, one ``Linear_2`` per block, and no time embedding is returned.
     """
 
     def __init__(self, text_dim: int, time_embedding_dim: int, feature_dim: int, score_dim: int = 32,
-                 hidden_dim: int = 64, heads: int = 4):
+                 hidden_dim: int = 64, heads: int = 4, block_dims: Sequence[int] = ()):
         super().__init__()
         if feature_dim % heads:
             raise ValueError(f"feature_dim={feature_dim} must be divisible by heads={heads}.")
@@ -97,20 +104,28 @@ class RewardCondition(nn.Module):
         self.text_proj = nn.Sequential(nn.Linear(text_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, hidden_dim))
         self.unknown_scores = nn.Parameter(torch.zeros(hidden_dim))  # E_s of a dropped condition
         self.type_embedding = nn.Parameter(0.02 * torch.randn(2, hidden_dim))  # score token vs text token
-        self.to_time = nn.Linear(2 * hidden_dim, time_embedding_dim)  # Linear_2 of eq. 3
+        self.to_time = nn.Linear(2 * hidden_dim, time_embedding_dim)  # Linear_2 of eq. 3, via the time embedding
+        self.to_blocks = nn.ModuleList(nn.Linear(2 * hidden_dim, d) for d in block_dims)  # eq. 3 as written
         self.to_tokens = nn.Linear(hidden_dim, feature_dim)  # Linear_1 of eq. 2
         self.norm = nn.LayerNorm(feature_dim)
         self.attention = Attention(query_dim=feature_dim, heads=heads, dim_head=feature_dim // heads, bias=True)
-        for layer in (self.to_time, self.attention.to_out[0]):  # zero init: the editor is unchanged at start
+        for layer in (self.to_time, self.attention.to_out[0], *self.to_blocks):  # zero init: the editor is unchanged at start
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
     @classmethod
-    def for_editor(cls, editor, text_dim: int, **sizes) -> "RewardCondition":
-        """Sized to an :class:`~nb_edit.models.editors.Editor` and its text encoder's pooled width."""
-        return cls(text_dim, editor.time_embedding_dim, editor.input_feature_dim, **sizes)
+    def for_editor(cls, editor, text_dim: int, injection: str = "time_embedding", **sizes) -> "RewardCondition":
+        """Sized to an :class:`~nb_edit.models.editors.Editor` and its text encoder's pooled width;
+        ``injection`` "time_embedding" or "blocks" (eq. 3 as written: a UNet's blocks)."""
+        if injection not in INJECTIONS:
+            raise ValueError(f"injection={injection!r} is unknown; use one of {', '.join(INJECTIONS)}.")
+        if injection == "blocks" and not hasattr(editor, "block_modules"):
+            raise ValueError(f"injection='blocks' adds the condition after each U-Net block (Multi-Reward eq. 3); "
+                             f"{type(editor).__name__} has none: use injection='time_embedding'.")
+        block_dims = [dim for _, dim in editor.block_modules()] if injection == "blocks" else []
+        return cls(text_dim, editor.time_embedding_dim, editor.input_feature_dim, block_dims=block_dims, **sizes)
 
-    def forward(self, reward: RewardInputs) -> tuple[Tensor, Tensor]:
+    def forward(self, reward: RewardInputs) -> tuple[Tensor | None, Tensor, list[Tensor]]:
         scores, pooled = reward.scores, reward.text_pooled
         if scores.ndim != 2 or scores.shape[1] != 3 or pooled.shape[0] != scores.shape[0]:
             raise ValueError(f"reward scores must be [B, 3] (following, preserving, quality) with pooled [B, P]; "
@@ -122,7 +137,10 @@ class RewardCondition(nn.Module):
         score_emb = torch.where(unknown, self.unknown_scores.to(dtype), self.score_mlp(pe.to(dtype)))  # E_s
         text_emb = self.text_proj(pooled.to(dtype))  # from E_t
         tokens = torch.stack([score_emb, text_emb], dim=1) + self.type_embedding  # c_R: 2 tokens
-        return self.to_time(tokens.flatten(1)), self.to_tokens(tokens)
+        flat = tokens.flatten(1)
+        if self.to_blocks:  # z_i = UB_{i-1}(z_{i-1}) + Linear_2(c_R), one Linear_2 per block
+            return None, self.to_tokens(tokens), [layer(flat) for layer in self.to_blocks]
+        return self.to_time(flat), self.to_tokens(tokens), []
 
     def attend(self, features: Tensor, tokens: Tensor) -> Tensor:
         """``Z'' = Z' + CA(norm(Z'), tokens)`` (Multi-Reward eq. 2) on [B, C, h, w] or [B, N, C] features."""
@@ -132,14 +150,26 @@ class RewardCondition(nn.Module):
         return out.transpose(1, 2).reshape(features.shape) if spatial else out
 
     @contextmanager
-    def attending(self, editor, tokens: Tensor):
-        """Within the block, ``editor``'s first feature tokens attend to ``tokens`` (a forward hook)."""
-        module = editor.input_embedding_module()
-        handle = module.register_forward_hook(lambda _m, _i, out: self.attend(out, tokens))
+    def attending(self, editor, tokens: Tensor, block_offsets: Sequence[Tensor] = ()):
+        """Within the block, ``editor``'s first feature tokens attend to ``tokens`` and each UNet
+        block's output gets its offset added (forward hooks)."""
+        handles = [editor.input_embedding_module().register_forward_hook(lambda _m, _i, out: self.attend(out, tokens))]
+        if block_offsets:
+            for (block, _), offset in zip(editor.block_modules(), block_offsets):
+                handles.append(block.register_forward_hook(lambda _m, _i, out, o=offset: _add_to_block(out, o)))
         try:
             yield
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
+
+
+def _add_to_block(out, offset: Tensor):
+    """A UNet block's output plus ``offset`` [B, C] on every pixel (down blocks also return their
+    skip features, which stay as they are)."""
+    if isinstance(out, tuple):
+        return (_add_to_block(out[0], offset), *out[1:])
+    return out + offset.to(out.dtype)[:, :, None, None]
 
 
 class RewardConditionedEditor(nn.Module):
@@ -168,11 +198,13 @@ class RewardConditionedEditor(nn.Module):
         if reward.scores.shape[0] != x_t.shape[0]:
             raise ValueError(f"reward has {reward.scores.shape[0]} rows for a batch of {x_t.shape[0]}; "
                              "build it for the same batch (RewardEditPipeline.condition does).")
-        time_embedding, tokens = self.condition(reward)
-        if extra_time_embedding is not None:
+        time_embedding, tokens, block_offsets = self.condition(reward)
+        if time_embedding is None:
+            time_embedding = extra_time_embedding
+        elif extra_time_embedding is not None:
             time_embedding = time_embedding + extra_time_embedding
-        with self.condition.attending(self.editor, tokens):
-            return self.editor(x_t, t, text_states, pooled, source_latents, time_embedding)  # eq. 3: added to t-emb
+        with self.condition.attending(self.editor, tokens, block_offsets):
+            return self.editor(x_t, t, text_states, pooled, source_latents, time_embedding)  # eq. 3
 
 
 @dataclass

@@ -91,6 +91,9 @@ class MultiRewardConfig(TrainingConfig):
     score_dim: int = 32  # sinusoidal embedding width per score
     hidden_dim: int = 64  # reward-condition width
     heads: int = 4
+    # where Linear_2(c_R) enters (eq. 3): "time_embedding" (added to the timestep embedding, which
+    # every block reads) or "blocks" (eq. 3 as written: added to each UNet block's output)
+    injection: str = "time_embedding"
     shift: float = 1.0
     # evaluation (compare_conditions)
     sampling_steps: int = 4
@@ -103,7 +106,8 @@ class MultiRewardConfig(TrainingConfig):
 
     # gradient checkpointing and accumulation came after runs were cached (core.config)
     ADDED_LATER: ClassVar[dict[str, Any]] = {**TrainingConfig.ADDED_LATER, "gradient_checkpointing": False,
-                                             "gradient_accumulation_steps": 1, "judge_id": ""}
+                                             "gradient_accumulation_steps": 1, "judge_id": "",
+                                             "injection": "time_embedding"}
 
     PROFILES: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": {},
@@ -189,8 +193,8 @@ class MultiRewardTrainer:
         text_encoder = load_text_encoder(folder, dtype=place.dtype, device=self.device)
         model = self.editor
         if cfg.variant == "reward":
-            condition = RewardCondition.for_editor(self.editor, text_encoder.pooled_dim, score_dim=cfg.score_dim,
-                                                   hidden_dim=cfg.hidden_dim, heads=cfg.heads)
+            condition = RewardCondition.for_editor(self.editor, text_encoder.pooled_dim, injection=cfg.injection,
+                                                   score_dim=cfg.score_dim, hidden_dim=cfg.hidden_dim, heads=cfg.heads)
             model = RewardConditionedEditor(self.editor, condition.to(self.device))
         self.model = model
         self.pipe = RewardEditPipeline(model, text_encoder,

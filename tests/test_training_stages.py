@@ -256,3 +256,35 @@ def test_evaluate_pool_reads_each_score_question_over_its_own_digits(monkeypatch
     result = standin_judge.evaluate_pool(judge, pool, batch=3)
     assert result["acc_if_score"] == 0.0  # argmax is "0", never the label
     assert result["spearman_if_score"] == pytest.approx(1.0)
+
+
+def test_competence_measures_what_a_folder_holds_with_intervals(pretrained, tmp_path, capsys):
+    from nb_edit import world
+    from nb_edit.cli import main
+    from nb_edit.core.config import RunSettings
+    from nb_edit.standins import competence
+
+    world_name = RunSettings.for_profile("smoke").world  # the world the smoke stand-ins were made for
+    world_cfg = world.preset(world_name)
+    figures = competence.measure(pretrained, world_cfg, n=12, n_boot=50)
+    for name in ("copy", "supervised_clean", "supervised_noisy"):
+        key = f"models.{name}.oracle_success"
+        assert figures[f"{key}.ci_low"] <= figures[key] <= figures[f"{key}.ci_high"], name
+    assert figures["models.copy.oracle_preserved"] == 1.0  # the copy changes nothing
+    edits = competence.held_out_edits(world_cfg, 12)
+    assert {k.rsplit(".", 1)[1] for k in figures if ".per_type." in k and k.startswith("models.copy")} == \
+        {e.edit_type for e in edits}
+    assert 0.0 <= figures["models.teacher.caption_match"] <= 1.0 and "judge.acc_followed" in figures
+    again = competence.held_out_edits(world_cfg, 12)  # a fixed stream: the same edits every time
+    assert [json.dumps(e.to_dict(), default=float) for e in again] == [json.dumps(e.to_dict(), default=float)
+                                                                        for e in edits]
+
+    with pytest.raises(ValueError, match="made for"):  # stand-ins of the rich world scored on the small one
+        competence.measure(pretrained, world.preset("small"), n=4)
+    with pytest.raises(FileNotFoundError, match="pretrain --to"):
+        competence.measure(tmp_path, world_cfg, n=4)
+    out = tmp_path / "figures.json"
+    assert main(["competence", "--from", str(pretrained), "--world", world_name, "--n", "8",
+                 "--threads", "1", "--json", str(out)]) == 0
+    assert "models.copy.oracle_success" in json.loads(out.read_text())
+    assert "models.teacher.caption_match:" in capsys.readouterr().out

@@ -12,6 +12,9 @@
                anything loads; a killed run resumes from its newest checkpoint when started again;
 * ``pretrain`` - make the tiny stand-ins for hub models shipped in ``data/pretrained/``
                  (what ``make pretrain`` calls; each part is skipped when already made);
+* ``competence`` - how good a folder of stand-ins is at its world (``standins.competence``): the
+                 copy baseline, the editors' oracle success per edit type, the teacher's caption
+                 match and the judge's held-out accuracy, each with its interval, as JSON;
 * ``export``   - a run's LoRA as diffusers LoRA weights that the stock pipeline's
                  ``load_lora_weights`` reads (Multi-Reward's condition module beside them);
 * ``bench``    - time the project's fast paths against the plain way (``nb_edit.bench``),
@@ -355,6 +358,26 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_competence(args: argparse.Namespace) -> int:
+    from nb_edit import world  # lazy: torch and the models; `run` and `report` need none of it
+    from nb_edit.core.runtime import torch_threads
+    from nb_edit.standins import competence
+
+    world_cfg = world.preset(args.world or RunSettings.for_profile("tiny").world)
+    folder = Path(args.source) if args.source else paths.pretrained_dir()
+    with torch_threads(args.threads or RunSettings().num_threads):
+        metrics = competence.measure(folder, world_cfg, n=args.n, seed=args.seed, steps=args.steps,
+                                     guidance=args.guidance)
+    text = json.dumps(metrics, indent=1, sort_keys=True)
+    if args.json:
+        Path(args.json).write_text(text)
+    for key in sorted(metrics):
+        if not key.endswith((".ci_low", ".ci_high")):
+            low, high = metrics.get(f"{key}.ci_low"), metrics.get(f"{key}.ci_high")
+            print(f"{key}: {metrics[key]:.3f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None else ""))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from nb_edit.methods.export import export_checkpoint  # lazy: torch, diffusers, peft
 
@@ -522,6 +545,16 @@ def main(argv: list[str] | None = None) -> int:
     gpu.add_argument("--steps", type=int, default=2, help="training steps per trainer")
     gpu.add_argument("--run-id", default=None, help="also record the figures into papermill_runs/<run-id>/metrics.json")
     gpu.set_defaults(func=cmd_gpu_check)
+    com = sub.add_parser("competence", help="how good a folder of stand-ins is at its world (before any method)")
+    com.add_argument("--world", default=None, help="the ladder's world (toy, small, rich; default: the profile's)")
+    com.add_argument("--from", dest="source", default=None, help="stand-ins folder (default data/pretrained)")
+    com.add_argument("--n", type=int, default=512, help="held-out edits (default 512)")
+    com.add_argument("--seed", type=int, default=0)
+    com.add_argument("--steps", type=int, default=4, help="sampling steps (default 4, NP-Edit's few-step setting)")
+    com.add_argument("--guidance", type=float, default=2.0, help="teacher's guidance (default 2, DMD's real score)")
+    com.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2)")
+    com.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    com.set_defaults(func=cmd_competence)
     exp = sub.add_parser("export", help="write a run's LoRA for the stock diffusers pipelines (load_lora_weights)")
     exp.add_argument("checkpoint", help="a run's checkpoint folder (holding step_* folders) or one step_* folder")
     exp.add_argument("--to", required=True, help="output folder: pytorch_lora_weights.safetensors (+ reward condition)")

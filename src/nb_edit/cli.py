@@ -360,8 +360,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_competence(args: argparse.Namespace) -> int:
     from nb_edit import world  # lazy: torch and the models; `run` and `report` need none of it
-    from nb_edit.core.runtime import torch_threads
-    from nb_edit.standins import competence
+    from nb_edit.core.runtime import torch_threads  # lazy: as above
+    from nb_edit.standins import competence  # lazy: as above
 
     world_cfg = world.preset(args.world or RunSettings.for_profile("tiny").world)
     folder = Path(args.source) if args.source else paths.pretrained_dir()

@@ -227,7 +227,7 @@ def test_new_settings_leave_earlier_runs_found_and_resumable(tmp_path):
     assert "world" in cfg.replace(world={**cfg.world, "max_objects": 2}).identity()
     mr = MultiRewardConfig.for_profile("smoke")
     assert set(mr.to_dict()) - set(mr.identity()) == {"dtype", "quantization", "gradient_checkpointing",
-                                                      "gradient_accumulation_steps", "judge_id"}
+                                                      "gradient_accumulation_steps", "judge_id", "injection"}
     from nb_edit.methods.mtrl.train import MTRLConfig
 
     # DiffusionNFT's fixed normaliser is the new default: a run with the batch-wide maximum (what

@@ -252,37 +252,39 @@ def record_items(run: Run, scores: Mapping[str, Any], seed: int, item_set: str) 
     is the training seed of the run that made them; a seed study gathers every seed's scores in
     its parent run (:func:`merge_items`).
     """
-    import fcntl
-
     checked = {}
     for key, values in scores.items():
         if not KEY_PATTERN.match(key):
             raise ValueError(f"item key {key!r} does not follow the metrics contract (dotted lowercase names).")
         array = np.asarray(values, dtype=np.float64).ravel()
-        checked[key] = [None if not math.isfinite(v) else float(v) for v in array]
-    with open(run.dir / ".items.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        merged = read_items(run)
-        for key, values in checked.items():
-            entry = merged.get(key)
-            if entry is None or entry.get("item_set") != item_set:
-                entry = merged[key] = {"item_set": item_set, "seeds": {}}
-            entry["seeds"][str(int(seed))] = values
-        _atomic_write_text(items_path(run), json.dumps(merged, sort_keys=True))
+        checked[key] = {"item_set": item_set,
+                        "seeds": {str(int(seed)): [None if not math.isfinite(v) else float(v) for v in array]}}
+    _merge_items(run, checked)
 
 
 def merge_items(parent: Run, seed_runs: Iterable[Run]) -> dict[str, dict[str, Any]]:
     """Gather the per-item scores of a seed study's runs into the parent run's ``items.json``."""
-    merged = read_items(parent)
     for seed_run in seed_runs:
-        for key, entry in read_items(seed_run).items():
+        _merge_items(parent, read_items(seed_run))
+    return read_items(parent)
+
+
+def _merge_items(run: Run, entries: Mapping[str, Mapping[str, Any]]) -> None:
+    """Merge ``items.json`` entries into the run's, seed by seed (under a lock: notebooks of one
+    run may record at the same time); an entry of another item list replaces the old one."""
+    import fcntl
+
+    if not entries:
+        return
+    with open(run.dir / ".items.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        merged = read_items(run)
+        for key, entry in entries.items():
             into = merged.get(key)
             if into is None or into.get("item_set") != entry["item_set"]:
                 into = merged[key] = {"item_set": entry["item_set"], "seeds": {}}
             into["seeds"].update(entry["seeds"])
-    if merged:
-        _atomic_write_text(items_path(parent), json.dumps(merged, sort_keys=True))
-    return merged
+        _atomic_write_text(items_path(run), json.dumps(merged, sort_keys=True))
 
 
 def item_scores(entry: Mapping[str, Any]) -> dict[int, np.ndarray]:

@@ -34,12 +34,12 @@ import operator
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from nb_edit.core.runs import item_scores
+from nb_edit.core.runs import item_scores, read_items, read_metrics
 from nb_edit.core.validation import BadInputError
 from nb_edit.evaluation.stats import Interval, PairedDiff, mean_ci_from_summary, paired_seed_bootstrap
 
 __all__ = ["CLAIMS", "Claim", "Comparison", "Row", "claims_markdown", "claims_metrics", "evaluate_claims",
-           "of_paper", "quantity"]
+           "evaluate_run", "of_paper", "quantity"]
 
 VERDICTS = ("reproduced", "contradicted", "inconclusive", "not measured")
 _OPERATORS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
@@ -164,6 +164,11 @@ CLAIMS: tuple[Claim, ...] = (
           (Comparison("mtrl.grpo_broadcast.consistency", ">=", "mtrl.grpo_reward_fusion.consistency"),
            Comparison("mtrl.grpo_broadcast.turn3_success", ">=", "mtrl.grpo_reward_fusion.turn3_success"))),
 )
+
+
+def evaluate_run(run, claims: Sequence[Claim] = CLAIMS) -> list[Row]:
+    """:func:`evaluate_claims` on a run folder's ``metrics.json`` and ``items.json`` (``core.runs``)."""
+    return evaluate_claims(read_metrics(run), claims, items=read_items(run))
 
 
 def of_paper(paper: str) -> tuple[Claim, ...]:

@@ -14,8 +14,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from nb_edit.core.runs import Run, read_items, read_metrics
-from nb_edit.evaluation.claims import claims_markdown, evaluate_claims
+from nb_edit.core.runs import Run, read_metrics
+from nb_edit.evaluation.claims import claims_markdown, evaluate_run
 
 FOLDED = (".sd", ".n", ".ci_low", ".ci_high")  # suffixes shown in the row of the key they qualify
 
@@ -57,7 +57,7 @@ def write_report(run: Run, title: str | None = None, to: Path | None = None) -> 
     config_path = run.dir / "config.json"
     config = json.loads(config_path.read_text()) if config_path.exists() else {}
     lines = [f"# {title or 'nb-edit run ' + run.run_id}", ""]
-    lines += ["## Paper claims", "", claims_markdown(evaluate_claims(metrics, items=read_items(run))), ""]
+    lines += ["## Paper claims", "", claims_markdown(evaluate_run(run)), ""]
     if config:
         settings = ", ".join(f"{k}={v}" for k, v in sorted(config.get("parameters", {}).items()))
         lines += ["## Run", "", f"Parameters: {settings or '(defaults)'}", ""]

@@ -35,6 +35,10 @@ def test_bootstrap_ci_covers_true_mean_and_is_deterministic():
     assert 0.03 < high - low < 0.05
     assert stats.bootstrap_ci(sample, n_boot=2000, seed=5) == (mean, low, high)
     assert stats.bootstrap_ci(sample, n_boot=2000, seed=6) != (mean, low, high)
+    # how metrics.json holds it: the key, and its bounds beside it
+    assert stats.bootstrap_ci(sample, n_boot=2000, seed=5).as_metrics("models.x.oracle_success") == {
+        "models.x.oracle_success": mean, "models.x.oracle_success.ci_low": low,
+        "models.x.oracle_success.ci_high": high}
 
 
 def test_bootstrap_ci_with_a_statistic_without_axis_matches_vectorised_one():

@@ -108,9 +108,8 @@ def mean_scores(scores: dict[str, np.ndarray], prefix: str, n_boot: int = 1000, 
     percentile-bootstrap interval over the test items."""
     out = {}
     for key, values in scores.items():
-        interval = bootstrap_ci(np.asarray(values, dtype=float), n_boot=n_boot, seed=seed)
-        out[f"{prefix}.oracle_{key}"] = interval.mean
-        out[f"{prefix}.oracle_{key}.ci_low"], out[f"{prefix}.oracle_{key}.ci_high"] = interval.low, interval.high
+        out.update(bootstrap_ci(np.asarray(values, dtype=float), n_boot=n_boot, seed=seed).as_metrics(
+            f"{prefix}.oracle_{key}"))
     return out
 
 
@@ -417,8 +416,8 @@ class EvalResult:
                 continue  # not measured on this benchmark (oracle figures on photos), or undefined (NaN)
             out[f"{prefix}.{key}"] = self.summary[key]
             if key in self.intervals:
-                out[f"{prefix}.{key}.ci_low"] = self.intervals[key].low
-                out[f"{prefix}.{key}.ci_high"] = self.intervals[key].high
+                out.update({name: value for name, value in self.intervals[key].as_metrics(f"{prefix}.{key}").items()
+                            if name != f"{prefix}.{key}"})  # the bounds; the mean is the summary's
         return out
 
 
@@ -436,9 +435,8 @@ def judge_accuracy(result: EvalResult, n_boot: int = 1000, seed: int = 0) -> dic
         judged, truth = np.asarray(result.per_item[judged_key], float), np.asarray(result.per_item[truth_key], float)
         keep = np.isfinite(judged) & np.isfinite(truth)
         yes_rate = float(np.mean(truth[keep] > 0.5))
-        interval = bootstrap_ci(((judged[keep] > 0.5) == (truth[keep] > 0.5)).astype(float), n_boot=n_boot, seed=seed)
-        out[f"acc_{question}"] = interval.mean
-        out[f"acc_{question}.ci_low"], out[f"acc_{question}.ci_high"] = interval.low, interval.high
+        agree = ((judged[keep] > 0.5) == (truth[keep] > 0.5)).astype(float)
+        out.update(bootstrap_ci(agree, n_boot=n_boot, seed=seed).as_metrics(f"acc_{question}"))
         out[f"constant_{question}"] = max(yes_rate, 1.0 - yes_rate)
     return out
 

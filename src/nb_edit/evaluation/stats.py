@@ -70,6 +70,11 @@ class Interval(_Triple):
     def half_width(self) -> float:
         return (self.high - self.low) / 2.0
 
+    def as_metrics(self, key: str) -> dict[str, float]:
+        """``{key: mean, key.ci_low: low, key.ci_high: high}``: how a run's metrics.json holds a
+        figure with its interval (the report reads the two bounds back beside the key)."""
+        return {key: self.mean, f"{key}.ci_low": self.low, f"{key}.ci_high": self.high}
+
 
 class PairedDiff(NamedTuple):
     """``stat(a) - stat(b)`` with its percentile-bootstrap interval.

@@ -41,11 +41,6 @@ def held_out_edits(world_cfg: world.WorldConfig, n: int, seed: int = 0) -> list[
     return [world.sample_edit(world.sample_scene(rng, world_cfg), rng, world_cfg) for _ in range(n)]
 
 
-def _with_interval(key: str, values: np.ndarray, n_boot: int, seed: int) -> dict[str, float]:
-    interval = bootstrap_ci(np.asarray(values, dtype=float), n_boot=n_boot, seed=seed)
-    return {key: interval.mean, f"{key}.ci_low": interval.low, f"{key}.ci_high": interval.high}
-
-
 def measure(folder: str | Path, world_cfg: world.WorldConfig, n: int = 512, seed: int = 0, steps: int = 4,
             guidance: float = 2.0, n_boot: int = 1000) -> dict[str, float]:
     """The competence figures of every stand-in ``folder`` holds (module docstring), on ``n``
@@ -71,7 +66,7 @@ def measure(folder: str | Path, world_cfg: world.WorldConfig, n: int = 512, seed
         teacher = load_pipeline(folder / "teacher", as_teacher=True)
         hits, _ = harness.caption_hits(teacher, [e.source for e in edits], world_cfg, steps=steps,
                                        guidance=guidance, seed=seed)
-        metrics.update(_with_interval("models.teacher.caption_match", hits, n_boot, seed))
+        metrics.update(bootstrap_ci(np.asarray(hits, float), n_boot=n_boot, seed=seed).as_metrics("models.teacher.caption_match"))
     if "judge" in present:
         judge = VLMJudge.from_pretrained(folder / "judge").freeze()
         cfg = standin_judge.JudgeConfig.for_profile("tiny", seed=seed, world=world_cfg.to_dict())

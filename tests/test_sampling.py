@@ -7,7 +7,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from torch import nn
 
-from nb_edit.flow.sampling import euler_sample, flow_sigmas, sde_sample, sde_step_with_logprob, unroll_two_steps
+from nb_edit.flow.sampling import (euler_sample, flow_sigmas, one_step_estimate, sde_sample, sde_step_with_logprob,
+                                   unroll_two_steps)
 
 torch.set_num_threads(1)
 
@@ -97,6 +98,23 @@ def test_unroll_gradient_flows_through_both_steps():
     (grad_ckpt,) = torch.autograd.grad(unroll_loss(net, gradient_checkpointing=True)[0], net.weight)
     assert torch.allclose(grad, grad_ckpt)
     assert set(info["t"].tolist()) <= {0.75, 0.5, 0.25}
+
+
+def test_one_step_estimate_is_the_unrolls_first_call():
+    """The no-unroll ablation trains x0_hat = eps - G(eps, 1): one call, at t = 1, as the unroll's first."""
+    net, calls = nn.Conv2d(3, 3, 1), []
+
+    def velocity(x, t):
+        calls.append(t.tolist())
+        return net(x)
+
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    x0_hat = one_step_estimate(velocity, noise, flow_sigmas(4))
+    assert calls == [[1.0, 1.0]]
+    assert torch.allclose(x0_hat, noise - net(noise))
+    _, info = unroll_two_steps(velocity, noise, flow_sigmas(4), torch.Generator().manual_seed(2))
+    assert torch.allclose(info["x0_hat"], x0_hat) and len(calls) == 3  # the unroll adds one call
+    assert x0_hat.requires_grad  # the gradient reaches G
 
 
 def test_unroll_uses_fresh_noise_and_interior_times():

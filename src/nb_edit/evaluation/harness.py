@@ -138,8 +138,11 @@ class CopyEditor:
 
 @torch.no_grad()
 def judge_agreement(reward, sources: np.ndarray, edits: Sequence[world.Edit], outputs: np.ndarray,
-                    oracle: dict[str, np.ndarray], batch: int = 64) -> dict[str, float]:
-    """Accuracy of the judge's yes/no (P(yes) > 0.5) against the oracle, and Spearman of quality."""
+                    oracle: dict[str, np.ndarray], batch: int = 64, items: bool = False):
+    """Accuracy of the judge's yes/no (P(yes) > 0.5) against the oracle, and Spearman of quality.
+
+    With ``items``, also the per-edit ``judge_minus_oracle_followed`` (1: the judge says followed
+    where the oracle does not, -1: the other way round, 0: they agree), for paired tests."""
     followed, preserved, quality = [], [], []
     for start in range(0, len(sources), batch):
         chunk = slice(start, start + batch)
@@ -149,10 +152,14 @@ def judge_agreement(reward, sources: np.ndarray, edits: Sequence[world.Edit], ou
         preserved.append(out["preserved"].float().numpy())
         quality.append(out["quality"].float().numpy())
     followed, preserved, quality = map(np.concatenate, (followed, preserved, quality))
-    return {"acc_followed": float(np.mean((followed > 0.5) == (oracle["followed"] > 0.5))),
-            "acc_preserved": float(np.mean((preserved > 0.5) == (oracle["preserved"] > 0.5))),
-            "score_spearman": float(spearman(quality, oracle["quality"])),
-            "judge_followed": float(np.mean(followed > 0.5)), "judge_preserved": float(np.mean(preserved > 0.5))}
+    summary = {"acc_followed": float(np.mean((followed > 0.5) == (oracle["followed"] > 0.5))),
+               "acc_preserved": float(np.mean((preserved > 0.5) == (oracle["preserved"] > 0.5))),
+               "score_spearman": float(spearman(quality, oracle["quality"])),
+               "judge_followed": float(np.mean(followed > 0.5)), "judge_preserved": float(np.mean(preserved > 0.5))}
+    if not items:
+        return summary
+    gap = (followed > 0.5).astype(float) - (np.asarray(oracle["followed"]) > 0.5).astype(float)
+    return summary, {"judge_minus_oracle_followed": gap}
 
 
 def caption_hits(teacher_pipeline, scenes: Sequence[world.Scene], cfg: world.WorldConfig, steps: int = 4,

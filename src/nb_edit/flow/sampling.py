@@ -84,6 +84,23 @@ def euler_sample(velocity_fn: VelocityFn, noise: Tensor, sigmas: Tensor, *, grad
     return (x, trajectory) if return_trajectory else x
 
 
+def _maybe_checkpointed(velocity_fn: VelocityFn, gradient_checkpointing: bool) -> VelocityFn:
+    def call(x: Tensor, t: Tensor) -> Tensor:
+        if gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(velocity_fn, x, t, use_reentrant=False)  # recompute activations in backward
+        return velocity_fn(x, t)
+    return call
+
+
+def one_step_estimate(velocity_fn: VelocityFn, noise: Tensor, sigmas: Tensor, *,
+                      gradient_checkpointing: bool = False) -> Tensor:
+    """The first generator call of the few-step sampler as a clean estimate: ``x0_hat = eps - G(eps, 1)``
+    (the schedule's first sigma). NP-Edit's unroll starts from it; trained alone it is the
+    unrolling ablation (no unroll)."""
+    t_first = batch_t(float(sigmas[0]), noise)
+    return x0_from_velocity(noise, _maybe_checkpointed(velocity_fn, gradient_checkpointing)(noise, t_first), t_first)
+
+
 def unroll_two_steps(velocity_fn: VelocityFn, noise: Tensor, sigmas: Tensor,
                      generator: torch.Generator | None = None, *,
                      gradient_checkpointing: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
@@ -96,13 +113,8 @@ def unroll_two_steps(velocity_fn: VelocityFn, noise: Tensor, sigmas: Tensor,
     if interior.numel() == 0:
         raise ValueError(f"sigmas={sigmas.tolist()} has no interior point; use a schedule of >= 2 steps.")
 
-    def call(x: Tensor, t: Tensor) -> Tensor:
-        if gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(velocity_fn, x, t, use_reentrant=False)  # recompute activations in backward
-        return velocity_fn(x, t)
-
-    t_first = batch_t(float(sigmas[0]), noise)
-    x0_hat = x0_from_velocity(noise, call(noise, t_first), t_first)  # NP-Edit: x0_hat = eps - G(eps, 1)
+    call = _maybe_checkpointed(velocity_fn, gradient_checkpointing)
+    x0_hat = one_step_estimate(call, noise, sigmas)  # NP-Edit: x0_hat = eps - G(eps, 1)
     pick = _randint(len(interior), noise.shape[0], generator)
     t = interior[pick].to(device=noise.device, dtype=noise.dtype)  # t ~ {0.75, 0.5, 0.25} for 4 steps
     fresh_noise = randn_like(noise, generator)

@@ -4,7 +4,8 @@ Per step, on a batch of (source, instruction, edited caption) - never a target i
 
 1. **Unroll** the generator G two steps with gradient through both (``flow.sampling.unroll_two_steps``):
    ``x0_hat = eps - G(eps, 1)``, re-noise at ``t`` from the 4-step schedule with fresh noise,
-   ``x0 = x_t - t G(x_t, t)``.
+   ``x0 = x_t - t G(x_t, t)``. (The ``no_unroll`` ablation trains the one-step estimate ``x0_hat``
+   alone; at inference every variant samples the same few steps.)
 2. **VLM feedback** (Sec. 3.1): the frozen judge's yes/no logits for edit verification and
    identity preservation, ``L_vlm = -sum_j log sigmoid(l_target_j - l_other_j)``
    (``rewards.single_turn.JudgeReward.npedit_loss``), back-propagated through the decoder into G.
@@ -49,7 +50,7 @@ from nb_edit.core.validation import BadInputError
 from nb_edit.data.judge_qa import random_edit
 from nb_edit.flow.losses import flow_matching_loss, uniform_t
 from nb_edit.flow.pipeline import EditPipeline
-from nb_edit.flow.sampling import unroll_two_steps
+from nb_edit.flow.sampling import one_step_estimate, unroll_two_steps
 from nb_edit.methods.npedit.dmd import dmd_generator_loss, fake_score_loss
 from nb_edit.models.editors import UNetEditor, editing_base
 from nb_edit.models.loaders import load_autoencoder, load_editor, load_text_encoder
@@ -65,7 +66,7 @@ from nb_edit.training.loop import (
     train,
 )
 
-VARIANTS = ("full", "dmd_only", "vlm_only", "no_identity", "full_vocab")
+VARIANTS = ("full", "dmd_only", "vlm_only", "no_identity", "full_vocab", "no_unroll")  # the paper's ablations
 
 
 _DEFAULT_WORLD = world.WorldConfig().to_dict()  # the world of runs made before NPEditConfig.world existed
@@ -73,7 +74,7 @@ _DEFAULT_WORLD = world.WorldConfig().to_dict()  # the world of runs made before 
 
 @dataclasses.dataclass
 class NPEditConfig(TrainingConfig):
-    variant: str = "full"  # full | dmd_only | vlm_only | no_identity | full_vocab (the paper's ablations)
+    variant: str = "full"  # one of VARIANTS: full | dmd_only | vlm_only | no_identity | full_vocab | no_unroll
     backbone: str = "auto"  # "auto" (what the model folder holds) | "unet" | "dit"
     teacher_id: str = ""  # "" = the profile's: the shipped stand-in (tiny), FLUX.1-Kontext-dev (full)
     judge_id: str = ""  # "" = the profile's: the shipped stand-in (tiny), Qwen2.5-VL-7B-Instruct (full)
@@ -197,9 +198,11 @@ class NPEditTrainer:
     def generate(self, batch: UnpairedBatch, gen: torch.Generator) -> torch.Tensor:
         cond = self.pipe.condition(batch.instructions, batch.sources)
         noise = self.pipe.noise_like_latents(len(batch.instructions), batch.sources.shape[-1], gen)
-        with active_adapter(self.model, "generator"):  # both generator calls run inside
-            x0, _ = unroll_two_steps(self.pipe.velocity_fn(cond), noise, self.pipe.sigmas(self.cfg.sampling_steps),
-                                     gen, gradient_checkpointing=self.cfg.gradient_checkpointing)
+        velocity, sigmas = self.pipe.velocity_fn(cond), self.pipe.sigmas(self.cfg.sampling_steps)
+        with active_adapter(self.model, "generator"):  # every generator call runs inside
+            if self.cfg.variant == "no_unroll":  # the unrolling ablation: x0_hat = eps - G(eps, 1), one call
+                return one_step_estimate(velocity, noise, sigmas, gradient_checkpointing=self.cfg.gradient_checkpointing)
+            x0, _ = unroll_two_steps(velocity, noise, sigmas, gen, gradient_checkpointing=self.cfg.gradient_checkpointing)
         return x0
 
     def copy_step(self, batch: UnpairedBatch, step: int) -> dict[str, torch.Tensor]:

@@ -225,20 +225,25 @@ def _reward(batch=1):
 
 
 @torch.no_grad()
-def test_reward_condition_round_trips_beside_the_lora(tmp_path):
+@pytest.mark.parametrize("variant", ["reward", "score_only"])
+def test_reward_condition_round_trips_beside_the_lora(tmp_path, variant):
     """Multi-Reward: the LoRA goes to diffusers' format, the condition module beside it; a fresh
-    base with both loaded back computes what the trained model computed."""
+    base with both loaded back computes what the trained model computed (Table 4's score-only
+    run too: what the condition reads comes from the run's variant)."""
+    from nb_edit.methods.multireward.train import REWARD_VARIANTS
+
     editor = _unet_editor()
     base_state = {k: v.clone() for k, v in editor.state_dict().items()}
     attach_lora(editor, 4, alpha=8)  # the run config says so below; the export must carry it
     _randomize(editor)
-    condition = RewardCondition.for_editor(editor, TINY_TEXT_DIM, score_dim=8, hidden_dim=16, heads=2)
+    condition = RewardCondition.for_editor(editor, TINY_TEXT_DIM, score_dim=8, hidden_dim=16, heads=2,
+                                           parts=REWARD_VARIANTS[variant])
     gen = torch.Generator().manual_seed(4)
     for p in condition.parameters():  # its output layers start at zero: make them matter
         p.copy_(0.2 * torch.randn(p.shape, generator=gen))
     model = RewardConditionedEditor(editor, condition)
     run = {"backbone": "unet", "editor_id": "some/editor", "lora_rank": 4, "lora_alpha": 8, "heads": 2,
-           "variant": "reward"}
+           "variant": variant}
     _checkpoint(tmp_path / "ckpt", 7, model, run)
 
     to = export_checkpoint(tmp_path / "ckpt", tmp_path / "export")

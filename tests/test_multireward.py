@@ -140,6 +140,35 @@ def test_eq3_after_each_unet_block_starts_silent_reaches_the_output_and_round_tr
         RewardCondition.for_editor(build_editor("dit", tiny_flux_config()), TINY_TEXT_DIM, injection="blocks")
 
 
+def test_table4_conditions_read_one_part_each_and_round_trip(tmp_path):
+    """``parts``: the scores alone or the failure texts alone reach the editor (Table 4's ablation)."""
+    from nb_edit.methods.export import attach_reward_condition, save_reward_condition
+
+    x_t, t, text, pooled, source = _inputs()
+    outputs = {}
+    for parts in (("scores",), ("text",), ("scores", "text")):
+        torch.manual_seed(0)
+        editor = build_editor("unet", tiny_unet_config()).eval()
+        condition = RewardCondition.for_editor(editor, TINY_TEXT_DIM, parts=parts)
+        model = RewardConditionedEditor(editor, condition)
+        with torch.no_grad():
+            for layer in (condition.to_time, condition.attention.to_out[0]):
+                layer.weight.normal_(0, 0.2)
+            runs = {(scores, seed): model(x_t, t, text, pooled, source, reward=_reward([[scores] * 3] * 2, seed=seed))
+                    for scores in (5.0, 1.0) for seed in (1, 2)}  # seed: another failure text (pooled vector)
+        score_moves = (runs[5.0, 1] - runs[1.0, 1]).abs().max() > 1e-4
+        text_moves = (runs[5.0, 1] - runs[5.0, 2]).abs().max() > 1e-4
+        assert (score_moves, text_moves) == ("scores" in parts, "text" in parts)
+        outputs[parts] = runs[5.0, 1]
+        save_reward_condition(condition, tmp_path / "_".join(parts))
+        again = attach_reward_condition(editor, tmp_path / "_".join(parts)).eval()
+        assert again.condition.parts == parts
+        with torch.no_grad():
+            assert torch.allclose(again(x_t, t, text, pooled, source, reward=_reward([[5.0] * 3] * 2)), runs[5.0, 1])
+    with pytest.raises(ValueError, match="parts="):
+        RewardCondition.for_editor(build_editor("unet", tiny_unet_config()), TINY_TEXT_DIM, parts=("score",))
+
+
 class _TextEncoderStub(torch.nn.Module):
     """Deterministic pooled vectors per text: enough for the pipeline's plumbing."""
 
@@ -367,17 +396,19 @@ def test_annotate_rewards_writes_rewardedit_records(stage):
     np.testing.assert_array_equal(annotated.load(0)["target"], noisy.load(0)["target"])
 
 
-@pytest.mark.parametrize("variant", ["reward", "noreward"])
-def test_multireward_trains_both_variants(stage, tmp_path, variant):
+@pytest.mark.parametrize("variant", ["reward", "noreward", "text_only"])
+def test_multireward_trains_each_variant(stage, tmp_path, variant):
     from nb_edit.methods.multireward.train import MultiRewardConfig, compare_conditions, train_multireward
 
     cfg = MultiRewardConfig.for_profile("smoke", variant=variant, editor_id=str(stage["root"] / "noisy"))
     pipe, history = train_multireward(cfg, stage["annotated"], tmp_path / "ckpt", progress=False)
     assert len(history) == cfg.steps and all(h["skipped"] == 0 and math.isfinite(h["loss"]) for h in history)
-    assert pipe.uses_reward == (variant == "reward")
+    assert pipe.uses_reward == (variant != "noreward")
     trainable = {n for n, p in pipe.model.named_parameters() if p.requires_grad}
     assert any("lora_" in n for n in trainable)
-    assert any(n.startswith("condition.") for n in trainable) == (variant == "reward")
+    assert any(n.startswith("condition.") for n in trainable) == (variant != "noreward")
+    if variant == "text_only":
+        assert pipe.model.condition.parts == ("text",)
     assert not any("lora_" not in n and not n.startswith("condition.") for n in trainable)  # base frozen
     # edits under the best condition and the low-score control, rated by the oracle
     rates = compare_conditions(pipe, stage["data"]["test"], cfg.replace(sampling_steps=2), n=2)

@@ -30,13 +30,15 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from nb_edit.core.cache import CorruptFileWarning
 from nb_edit.core.validation import BadInputError
-from nb_edit.methods.multireward.condition import RewardCondition, RewardConditionedEditor
+from nb_edit.methods.multireward.condition import REWARD_PARTS, RewardCondition, RewardConditionedEditor
+from nb_edit.methods.multireward.train import REWARD_VARIANTS
 from nb_edit.models.export import FAMILIES, PIPELINES, peft_lora, write_lora
 from nb_edit.training.checkpoint import MANIFEST, STEP_PREFIX, list_checkpoints, verify_checkpoint
 
@@ -49,12 +51,12 @@ BASE_FIELDS = ("teacher_id", "editor_id", "policy_id")
 
 
 # ------------------------------------------------------------------------ reward condition
-def condition_sizes(condition: RewardCondition) -> dict[str, int]:
-    """The ``RewardCondition(...)`` arguments that rebuild ``condition``'s shapes."""
+def condition_sizes(condition: RewardCondition) -> dict[str, Any]:
+    """The ``RewardCondition(...)`` arguments that rebuild ``condition``: its shapes and what it reads."""
     return {"text_dim": condition.text_proj[0].in_features, "time_embedding_dim": condition.to_time.out_features,
             "feature_dim": condition.to_tokens.out_features, "score_dim": condition.score_dim,
             "hidden_dim": condition.to_tokens.in_features, "heads": condition.attention.heads,
-            "block_dims": [layer.out_features for layer in condition.to_blocks]}
+            "block_dims": [layer.out_features for layer in condition.to_blocks], "parts": list(condition.parts)}
 
 
 def save_reward_condition(condition: RewardCondition, folder: str | Path) -> Path:
@@ -80,6 +82,7 @@ def load_reward_condition(folder: str | Path) -> RewardCondition:
     sizes = {name: int(info[name]) for name in ("text_dim", "time_embedding_dim", "feature_dim", "score_dim",
                                                 "hidden_dim", "heads")}
     sizes["block_dims"] = [int(d) for d in info.get("block_dims", [])]  # eq. 3 per block (absent: none)
+    sizes["parts"] = tuple(info.get("parts", REWARD_PARTS))  # what it reads (absent: scores and text)
     condition = RewardCondition(**sizes)
     condition.load_state_dict(state)  # strict: a file of another shape fails here, not in the forward
     return condition.eval()
@@ -100,7 +103,8 @@ def attach_reward_condition(editor, folder: str | Path) -> RewardConditionedEdit
     return RewardConditionedEditor(editor, condition.to(device))
 
 
-def _condition_from_weights(weights: dict[str, torch.Tensor], heads: int) -> RewardCondition:
+def _condition_from_weights(weights: dict[str, torch.Tensor], heads: int,
+                            parts: tuple[str, ...] = REWARD_PARTS) -> RewardCondition:
     state = {key[len(CONDITION_PREFIX):]: t for key, t in weights.items() if key.startswith(CONDITION_PREFIX)}
     hidden, score_in = state["score_mlp.0.weight"].shape
     blocks = sorted(int(k.split(".")[1]) for k in state if k.startswith("to_blocks.") and k.endswith(".weight"))
@@ -108,7 +112,7 @@ def _condition_from_weights(weights: dict[str, torch.Tensor], heads: int) -> Rew
                                 time_embedding_dim=state["to_time.weight"].shape[0],
                                 feature_dim=state["to_tokens.weight"].shape[0], score_dim=score_in // 3,
                                 hidden_dim=hidden, heads=heads,
-                                block_dims=[state[f"to_blocks.{i}.weight"].shape[0] for i in blocks])
+                                block_dims=[state[f"to_blocks.{i}.weight"].shape[0] for i in blocks], parts=parts)
     condition.load_state_dict(state)
     return condition
 
@@ -188,7 +192,8 @@ def export_checkpoint(ckpt_dir: str | Path, to: str | Path, *, adapter_name: str
         if "heads" not in run:
             raise BadInputError(ckpt / "config.json", "the run config does not say the reward condition's heads",
                                 "pass a Multi-Reward checkpoint written by MultiRewardTrainer")
-        save_reward_condition(_condition_from_weights(weights, int(run["heads"])), to)
+        parts = REWARD_VARIANTS.get(run.get("variant", "reward"), REWARD_PARTS)  # Table 4's variants read one part
+        save_reward_condition(_condition_from_weights(weights, int(run["heads"]), parts), to)
         info["reward_condition"] = True
     (to / EXPORT_INFO).write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")
     return to

@@ -19,6 +19,10 @@ of the editor, so that noisy supervision is explained rather than imitated:
 Both paths end in ZERO-initialised layers, so a pretrained editor wrapped in
 :class:`RewardConditionedEditor` computes exactly what it computed before training.
 
+Its Table 4 ablates the two kinds of reward information: ``parts=("scores",)`` reads the scores
+alone (the text token is a constant), ``parts=("text",)`` the failure texts alone (the score
+token is the "unknown" one); the module is otherwise the same.
+
 At inference the condition asks for the best: scores (5, 5, 5) and the text
 "None; None; None", in every classifier-free-guidance branch (:class:`RewardEditPipeline`).
 A score row holding NaN means "unknown" (conditioning dropout, or a score the judge failed on);
@@ -55,6 +59,8 @@ BEST_TEXT = FAILURE_JOINER.join([NO_FAILURE] * 3)  # "None; None; None"
 SCORE_MAX_PERIOD = 10
 # where Linear_2(c_R) enters (eq. 3): the timestep embedding, or the output of every UNet block
 INJECTIONS = ("time_embedding", "blocks")
+# what the condition reads (Table 4): the scores, the failure texts, or both (the method)
+REWARD_PARTS = ("scores", "text")
 
 
 def sinusoidal_embedding(values: Tensor, dim: int, max_period: float = SCORE_MAX_PERIOD) -> Tensor:
@@ -90,14 +96,19 @@ class RewardCondition(nn.Module):
     ``forward(RewardInputs) -> (time_embedding [B, T] or None, tokens [B, 2, C], per-block
     offsets [B, C_i])``; ``attend(features, tokens)`` is the residual cross-attention on the first
     feature tokens. With ``block_dims`` (the channels of each UNet block's output) eq. 3 is taken
-    as written, one ``Linear_2`` per block, and no time embedding is returned.
+    as written, one ``Linear_2`` per block, and no time embedding is returned. ``parts`` names what
+    it reads (``REWARD_PARTS``; one of the two is Table 4's ablation).
     """
 
     def __init__(self, text_dim: int, time_embedding_dim: int, feature_dim: int, score_dim: int = 32,
-                 hidden_dim: int = 64, heads: int = 4, block_dims: Sequence[int] = ()):
+                 hidden_dim: int = 64, heads: int = 4, block_dims: Sequence[int] = (),
+                 parts: Sequence[str] = REWARD_PARTS):
         super().__init__()
         if feature_dim % heads:
             raise ValueError(f"feature_dim={feature_dim} must be divisible by heads={heads}.")
+        self.parts = tuple(part for part in REWARD_PARTS if part in parts)
+        if not self.parts or len(self.parts) != len(tuple(parts)):
+            raise ValueError(f"parts={tuple(parts)!r}: name one or both of {REWARD_PARTS}, each once.")
         self.score_dim = score_dim
         self.score_mlp = nn.Sequential(nn.Linear(3 * score_dim, hidden_dim), nn.SiLU(),
                                        nn.Linear(hidden_dim, hidden_dim))  # Multi-Reward eq. 6
@@ -116,7 +127,8 @@ class RewardCondition(nn.Module):
     @classmethod
     def for_editor(cls, editor, text_dim: int, injection: str = "time_embedding", **sizes) -> "RewardCondition":
         """Sized to an :class:`~nb_edit.models.editors.Editor` and its text encoder's pooled width;
-        ``injection`` "time_embedding" or "blocks" (eq. 3 as written: a UNet's blocks)."""
+        ``injection`` "time_embedding" or "blocks" (eq. 3 as written: a UNet's blocks); ``sizes``
+        the other arguments (``parts`` among them)."""
         if injection not in INJECTIONS:
             raise ValueError(f"injection={injection!r} is unknown; use one of {', '.join(INJECTIONS)}.")
         if injection == "blocks" and not hasattr(editor, "block_modules"):
@@ -135,6 +147,10 @@ class RewardCondition(nn.Module):
         # Concat[PE(S_f), PE(S_p), PE(S_q)]
         pe = sinusoidal_embedding(torch.nan_to_num(scores), self.score_dim).flatten(1)
         score_emb = torch.where(unknown, self.unknown_scores.to(dtype), self.score_mlp(pe.to(dtype)))  # E_s
+        if "scores" not in self.parts:  # Table 4, text alone: every row's score token is the "unknown" one
+            score_emb = self.unknown_scores.to(dtype).expand_as(score_emb)
+        if "text" not in self.parts:  # Table 4, scores alone: the text token is a constant
+            pooled = torch.zeros_like(pooled)
         text_emb = self.text_proj(pooled.to(dtype))  # from E_t
         tokens = torch.stack([score_emb, text_emb], dim=1) + self.type_embedding  # c_R: 2 tokens
         flat = tokens.flatten(1)

@@ -21,7 +21,8 @@ Inference asks for the best: scores (5, 5, 5) and "None; None; None" in every CF
 "low" control asks for (1, 1, 1) with the failure text of the instruction not carried out; a
 model that learned what the condition means edits worse under it (``compare_conditions``).
 The ``noreward`` variant trains the same steps on the same data and batches without the
-condition: the baseline.
+condition: the baseline. ``score_only`` and ``text_only`` read one kind of reward information
+each (Table 4's ablation; ``condition.RewardCondition(parts=...)``).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from nb_edit.flow.losses import flow_matching_loss
 from nb_edit.methods.multireward.condition import (
     BEST_SCORES,
     BEST_TEXT,
+    REWARD_PARTS,
     UNKNOWN_TEXT,
     RewardCondition,
     RewardConditionedEditor,
@@ -68,12 +70,15 @@ from nb_edit.training.loop import (
     train,
 )
 
-VARIANTS = ("reward", "noreward")
+# the variant -> what its reward condition reads; "noreward" has none (the baseline). "score_only"
+# and "text_only" are Table 4's ablation of the two kinds of reward information.
+REWARD_VARIANTS: dict[str, tuple[str, ...]] = {"reward": REWARD_PARTS, "score_only": ("scores",), "text_only": ("text",)}
+VARIANTS = ("noreward", *REWARD_VARIANTS)
 
 
 @dataclasses.dataclass
 class MultiRewardConfig(TrainingConfig):
-    variant: str = "reward"  # reward | noreward (the same training without the condition)
+    variant: str = "reward"  # one of VARIANTS: reward | noreward (no condition) | score_only | text_only (Table 4)
     backbone: str = "auto"  # "auto" (what the model folder holds) | "unet" | "dit"
     # "" = the profile's: the shipped noisy-pair editor data/pretrained/noisy (tiny), InstructPix2Pix (full)
     editor_id: str = ""
@@ -192,9 +197,10 @@ class MultiRewardTrainer:
             enable_gradient_checkpointing(self.editor, "MultiRewardConfig.gradient_checkpointing")
         text_encoder = load_text_encoder(folder, dtype=place.dtype, device=self.device)
         model = self.editor
-        if cfg.variant == "reward":
+        if cfg.variant in REWARD_VARIANTS:
             condition = RewardCondition.for_editor(self.editor, text_encoder.pooled_dim, injection=cfg.injection,
-                                                   score_dim=cfg.score_dim, hidden_dim=cfg.hidden_dim, heads=cfg.heads)
+                                                   score_dim=cfg.score_dim, hidden_dim=cfg.hidden_dim, heads=cfg.heads,
+                                                   parts=REWARD_VARIANTS[cfg.variant])
             model = RewardConditionedEditor(self.editor, condition.to(self.device))
         self.model = model
         self.pipe = RewardEditPipeline(model, text_encoder,
@@ -207,7 +213,7 @@ class MultiRewardTrainer:
         if not records or unpaired:
             raise ValueError(f"Multi-Reward trains on paired triplets; {len(unpaired)} of {len(records)} records "
                              "have no target. Pass the noisy paired set annotated by rewards.single_turn.annotate_rewards.")
-        if self.cfg.variant == "reward" and not any(r.rewards for r in records):
+        if self.cfg.variant in REWARD_VARIANTS and not any(r.rewards for r in records):
             raise ValueError("the dataset holds no rewards; annotate it first with "
                              "rewards.single_turn.annotate_rewards(dataset, JudgeReward(judge), folder).")
         samples = [dataset.load(i) for i in range(len(dataset))]

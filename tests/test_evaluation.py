@@ -161,6 +161,23 @@ def test_judge_accuracy_on_an_editors_outputs_beside_the_constant_answer(bench):
         harness.judge_accuracy(harness.evaluate(CopyEditor(), bench, method="copy", n_boot=20))
 
 
+def test_judge_minus_oracle_per_edit_shows_where_the_judge_is_fooled(bench):
+    from nb_edit.rewards.single_turn import JudgeReward
+
+    class StubReward(StubJudge):  # the stub's answers through JudgeReward's P(yes)
+        __call__ = JudgeReward.__call__
+
+    # the stub always says "followed"; a copy follows only "do nothing": fooled on every other edit
+    oracle = harness.oracle_scores(bench.sources, bench.edits, bench.sources, CFG)
+    summary, per_edit = harness.judge_agreement(StubReward(), bench.sources, bench.edits, bench.sources, oracle,
+                                                items=True)
+    gap = per_edit["judge_minus_oracle_followed"]
+    assert gap.tolist() == [0.0 if t == "noop" else 1.0 for t in bench.edit_types]
+    assert summary["judge_followed"] == 1.0 and summary["acc_followed"] == pytest.approx(1 - gap.mean())
+    alone = harness.judge_agreement(StubReward(), bench.sources, bench.edits, bench.sources, oracle)
+    assert alone == pytest.approx(summary, nan_ok=True)  # without items: the summary alone (a constant quality: NaN rank)
+
+
 @pytest.mark.bad_input
 def test_bad_outputs_and_benchmarks_are_named(bench):
     with pytest.raises(BadInputError, match="outputs.*one edited uint8 image"):
@@ -434,7 +451,13 @@ def test_the_registry_owns_each_run_and_its_folder(smoke_data):
     assert list(registry.npedit_configs("smoke")) == list(registry.NPEDIT_VARIANTS)  # "" means every ablation
     with pytest.raises(ValueError, match="unknown"):
         registry.npedit_configs("smoke", variants="full,nope")
-    assert list(registry.mtrl_configs("smoke")) == list(registry.MTRL_VARIANTS)
+    assert list(registry.mtrl_configs("smoke")) == list(registry.MTRL_VARIANTS)  # the main runs
+    everything = registry.mtrl_configs("smoke", variants="all")
+    assert list(everything) == [*registry.MTRL_VARIANTS, *registry.MTRL_STUDIES]
+    assert everything["grpo_agg_min"].aggregation == "min" and everything["grpo_reasoning_generate"].reasoning == "generate"
+    assert list(registry.mtrl_configs("smoke", variants="grpo_agg_last")) == ["grpo_agg_last"]
+    with pytest.raises(ValueError, match="grpo_agg_max"):
+        registry.mtrl_configs("smoke", variants="grpo_agg_max")
     assert list(registry.multireward_configs("smoke")) == list(registry.MULTIREWARD_VARIANTS)
     # 0 steps means the profile's default; any other value is the run's length
     assert registry.mtrl_configs("tiny")["grpo_broadcast"].steps == 20
@@ -453,7 +476,7 @@ def test_a_finished_run_loads_without_a_training_step(smoke_data, tmp_path, monk
     monkeypatch.setenv("NB_EDIT_CACHE", str(tmp_path))
     found = registry.trained_runs("smoke", 0, smoke_data)
     assert [r.status for r in found if r.stage == "multireward"] == [
-        "absent (notebook 06's judge annotations are not in the cache)"] * 2
+        "absent (notebook 06's judge annotations are not in the cache)"] * len(registry.MULTIREWARD_VARIANTS)
     run = found[0]
     assert run.name == "npedit_full" and run.status == "absent (never trained)"
     with pytest.raises(RuntimeError, match="05_npedit.ipynb"):

@@ -240,6 +240,21 @@ def test_grpo_smoke_training_updates_the_lora(data, clean_editor, tiny_judge, tm
     assert out.shape == (1, 32, 32, 3)
 
 
+def test_the_reasoning_study_trains_with_a_generated_judge_answer(data, clean_editor, tiny_judge, tmp_path):
+    """registry.MTRL_STUDIES' generate mode: the judge writes its score, unparseable answers count
+    as failures, and training goes on (failed scores are imputed within their group)."""
+    from nb_edit.methods import registry
+    from nb_edit.methods.mtrl.train import make_reward
+
+    tiny_judge.save_pretrained(tmp_path / "judge")
+    cfg = registry.mtrl_configs("smoke", policy_id=str(clean_editor), judge_id=str(tmp_path / "judge"),
+                                variants="grpo_reasoning_generate")["grpo_reasoning_generate"]
+    reward = make_reward(cfg)
+    assert reward.mode == "generate"
+    pipe, history = train_mtrl(cfg, data["multiturn"], tmp_path / "ckpt", reward=reward, progress=False)
+    assert len(history) == cfg.steps and all(np.isfinite(h["loss"]) for h in history)
+
+
 def test_nft_smoke_training_moves_policy_and_old_policy(data, clean_editor, tmp_path, monkeypatch):
     import nb_edit.methods.mtrl.train as mtrl_train
 

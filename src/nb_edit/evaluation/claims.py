@@ -109,6 +109,18 @@ CLAIMS: tuple[Claim, ...] = (
     _ablation("vlm_only", "VLM feedback alone (no DMD)"),
     _ablation("no_identity", "Dropping the identity-preservation question"),
     _ablation("full_vocab", "The full-vocabulary cross-entropy instead of the yes/no softmax"),
+    _ablation("no_unroll", "Training the one-step estimate x0_hat = eps - G(eps, 1) without the unroll"),
+    Claim("npedit-dmd-quality", "NP-Edit", "method: distribution matching; experiments: ablations",
+          "DMD keeps the outputs on the image manifold: the full method's outputs are of higher quality "
+          "than VLM-only's (the oracle's quality score).",
+          (Comparison("npedit.full.oracle_quality", ">", "npedit.vlm_only.oracle_quality"),)),
+    # the judge's "followed" minus the oracle's, per edit: how far the judge is fooled on a
+    # variant's outputs. Trained against the judge alone, VLM-only can learn what fools it.
+    Claim("npedit-vlm-only-hacks", "NP-Edit", "experiments: ablations (VLM only)",
+          "Without DMD the editor games its judge: on VLM-only's outputs the judge says \"followed\" more "
+          "often than the oracle does, by more than on the full method's.",
+          (Comparison("npedit.vlm_only.judge_minus_oracle_followed", ">",
+                      "npedit.full.judge_minus_oracle_followed"),)),
     _perspective("following_acc", "instruction following (share of the judge's \"yes\")"),
     _perspective("preserving", "detail preserving (judge score 0-5)"),
     _perspective("quality", "generation quality (judge score 0-5)"),
@@ -117,6 +129,16 @@ CLAIMS: tuple[Claim, ...] = (
     _perspective("oracle_followed", "instruction following (the oracle's verdict)"),
     _perspective("oracle_preserved", "detail preserving (the oracle's verdict)"),
     _perspective("oracle_quality", "generation quality (the oracle's verdict)"),
+    # Table 4: each kind of reward information alone helps, both together help most
+    *(Claim(f"multireward-{part.replace('_', '-')}", "Multi-Reward", "Sec. 6.4, Tab. 4",
+            f"The {what} alone, as the condition, already beats the editor trained without a condition "
+            "(oracle success, both asked for the best).",
+            (Comparison(f"multireward.{part}.oracle_success", ">", "multireward.noreward.oracle_success"),))
+      for part, what in (("score_only", "reward scores"), ("text_only", "reward texts"))),
+    Claim("multireward-both-parts", "Multi-Reward", "Sec. 6.4, Tab. 4",
+          "Scores and texts together beat either alone (oracle success, all asked for the best).",
+          (Comparison("multireward.reward.oracle_success", ">", "multireward.score_only.oracle_success"),
+           Comparison("multireward.reward.oracle_success", ">", "multireward.text_only.oracle_success"))),
     Claim("multireward-score-sweep", "Multi-Reward", "Sec. 6.4, Tab. 6",
           "The reward-conditioned editor asked for scores of 0 (text \"None\") edits worse than asked for 5 "
           "(oracle success): lowering the asked score lowers the result.",

@@ -28,13 +28,15 @@ from nb_edit.core.runtime import placement
 from nb_edit.core.validation import BadInputError
 from nb_edit.data.store import read_dataset
 from nb_edit.methods.mtrl.train import MTRLConfig, train_mtrl
+from nb_edit.methods.multireward.train import VARIANTS as MULTIREWARD_VARIANTS  # the baseline, the method, Table 4
 from nb_edit.methods.multireward.train import MultiRewardConfig, train_multireward
+from nb_edit.methods.npedit.train import VARIANTS as NPEDIT_VARIANTS  # the full method and the paper's ablations
 from nb_edit.methods.npedit.train import NPEditConfig, NPEditTrainer, shared_warmup_dir, train_npedit
 from nb_edit.models.vlm.judge import VLMJudge
 from nb_edit.rewards.single_turn import JudgeReward, annotate_rewards
 from nb_edit.training.checkpoint import STEP_PREFIX, latest_checkpoint
 
-__all__ = ["MODEL_SETTING", "MTRL_VARIANTS", "MULTIREWARD_VARIANTS", "NPEDIT_VARIANTS", "STAGES", "STAGE_CONFIGS",
+__all__ = ["MODEL_SETTING", "MTRL_STUDIES", "MTRL_VARIANTS", "MULTIREWARD_VARIANTS", "NPEDIT_VARIANTS", "STAGES", "STAGE_CONFIGS",
            "TrainedRun",
            "annotated_triplets", "mtrl_configs", "multireward_configs", "npedit_configs", "reward_annotations",
            "run_dir", "stage_config", "train_stage", "trained_runs"]
@@ -44,8 +46,6 @@ STAGE_CONFIGS = {"npedit": NPEditConfig, "multireward": MultiRewardConfig, "mtrl
 # the setting that names the model a stage starts from
 MODEL_SETTING = {"npedit": "teacher_id", "multireward": "editor_id", "mtrl": "policy_id"}
 NOTEBOOK = {"npedit": "05_npedit", "multireward": "06_multi_reward", "mtrl": "07_multiturn_rl"}
-NPEDIT_VARIANTS = ("full", "dmd_only", "vlm_only", "no_identity", "full_vocab")  # the paper's ablations
-MULTIREWARD_VARIANTS = ("noreward", "reward")
 MTRL_VARIANTS: dict[str, dict[str, Any]] = {  # name -> MTRLConfig settings
     "grpo_broadcast": dict(algorithm="grpo", advantage="broadcast"),
     "grpo_perturn": dict(algorithm="grpo", advantage="perturn"),
@@ -53,6 +53,15 @@ MTRL_VARIANTS: dict[str, dict[str, Any]] = {  # name -> MTRLConfig settings
     "nft_perturn": dict(algorithm="nft", advantage="perturn"),
     "grpo_reward_fusion": dict(algorithm="grpo", advantage="broadcast", fusion="reward"),
     "grpo_singleturn": dict(algorithm="grpo", n_turns=1),
+}
+# MT-EditFlow's design axes, measured beside the main runs: how turn scores aggregate into the
+# trajectory's score, and how the judge is read (its "reasoning modes"). The seed study trains
+# them (``mtrl_variants: all``); the main job leaves them out to keep within its time.
+MTRL_STUDIES: dict[str, dict[str, Any]] = {
+    **{f"grpo_agg_{how}": dict(algorithm="grpo", advantage="broadcast", aggregation=how)
+       for how in ("min", "product", "last")},  # "mean" is grpo_broadcast
+    **{f"grpo_reasoning_{mode}": dict(algorithm="grpo", advantage="broadcast", reasoning=mode)
+       for mode in ("sampled", "generate")},  # "expected" is grpo_broadcast
 }
 
 
@@ -156,13 +165,20 @@ def multireward_configs(profile: str, *, seed: int = 0, steps: int = 0, editor_i
             for v in MULTIREWARD_VARIANTS}
 
 
-def mtrl_configs(profile: str, *, seed: int = 0, steps: int = 0, policy_id: str = "",
-                 judge_id: str = "", overrides: dict | None = None, world_cfg=None) -> dict[str, MTRLConfig]:
-    """Notebook 07's runs: variant name -> configuration; ``overrides`` and ``world_cfg`` as in
-    :func:`npedit_configs`."""
+def mtrl_configs(profile: str, *, seed: int = 0, steps: int = 0, policy_id: str = "", judge_id: str = "",
+                 variants: str | Sequence[str] = "", overrides: dict | None = None,
+                 world_cfg=None) -> dict[str, MTRLConfig]:
+    """Notebook 07's runs: variant name -> configuration. ``variants`` "" means the main runs
+    (``MTRL_VARIANTS``), "all" adds the design-axis studies (``MTRL_STUDIES``), or names some of
+    either; ``overrides`` and ``world_cfg`` as in :func:`npedit_configs`."""
     settings = dict(seed=seed, policy_id=policy_id, judge_id=judge_id, steps=steps or None)
-    return {name: _configured(MTRLConfig, profile, {**settings, **variant}, overrides, world_cfg)
-            for name, variant in MTRL_VARIANTS.items()}
+    known = {**MTRL_VARIANTS, **MTRL_STUDIES}
+    if variants == "all":
+        names = list(known)
+    else:
+        names = _variant_names(variants, list(known), "mtrl") if variants else list(MTRL_VARIANTS)
+    return {name: _configured(MTRLConfig, profile, {**settings, **known[name]}, overrides, world_cfg)
+            for name in names}
 
 
 def reward_annotations(data: dict, judge_id: str = ""):
@@ -220,7 +236,8 @@ def train_stage(stage: str, cfg, data: dict, ckpt_dir: Path | None = None):
 def trained_runs(profile: str, seed: int, data: dict, *, steps: int = 0, judge_id: str = "",
                  teacher_id: str = "", editor_id: str = "", policy_id: str = "",
                  npedit_overrides: dict | None = None, multireward_overrides: dict | None = None,
-                 mtrl_overrides: dict | None = None, stages: Sequence[str] = STAGES) -> list[TrainedRun]:
+                 mtrl_overrides: dict | None = None, mtrl_variants: str = "",
+                 stages: Sequence[str] = STAGES) -> list[TrainedRun]:
     """Every run notebooks 05-07 make with these parameters (the notebooks' parameter names;
     ``steps=0`` means the profile's default), found or not in the artifact cache.
 
@@ -248,6 +265,7 @@ def trained_runs(profile: str, seed: int, data: dict, *, steps: int = 0, judge_i
     if "mtrl" in stages:
         train_sequences = data["multiturn"].split("train")
         for name, cfg in mtrl_configs(profile, seed=seed, steps=steps, policy_id=policy_id, judge_id=judge_id,
-                                      overrides=mtrl_overrides, world_cfg=data["world_cfg"]).items():
+                                      variants=mtrl_variants, overrides=mtrl_overrides,
+                                      world_cfg=data["world_cfg"]).items():
             runs.append(TrainedRun(f"mtrl_{name}", "mtrl", cfg, run_dir("mtrl", cfg, root), train_sequences))
     return runs

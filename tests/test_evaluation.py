@@ -448,17 +448,22 @@ def test_the_registry_owns_each_run_and_its_folder(smoke_data):
     """Notebooks 05-07 and notebook 08 get a run's configuration and folder from the registry alone."""
     configs = registry.npedit_configs("smoke", seed=3, variants="vlm_only, full")
     assert list(configs) == ["vlm_only", "full"] and configs["full"].seed == 3
-    assert list(registry.npedit_configs("smoke")) == list(registry.NPEDIT_VARIANTS)  # "" means every ablation
+    assert list(registry.npedit_configs("smoke")) == list(registry.MAIN_RUNS["npedit"])  # "": the main job's
+    assert list(registry.npedit_configs("smoke", study=True)) == list(registry.NPEDIT_VARIANTS)  # every ablation
     with pytest.raises(ValueError, match="unknown"):
         registry.npedit_configs("smoke", variants="full,nope")
-    assert list(registry.mtrl_configs("smoke")) == list(registry.MTRL_VARIANTS)  # the main runs
-    everything = registry.mtrl_configs("smoke", variants="all")
-    assert list(everything) == [*registry.MTRL_VARIANTS, *registry.MTRL_STUDIES]
+    assert list(registry.mtrl_configs("smoke")) == list(registry.MAIN_RUNS["mtrl"])
+    everything = registry.mtrl_configs("smoke", study=True)
+    assert list(everything) == list(registry.MTRL_VARIANTS) and set(registry.MAIN_RUNS["mtrl"]) < set(everything)
     assert everything["grpo_agg_min"].aggregation == "min" and everything["grpo_reasoning_generate"].reasoning == "generate"
     assert list(registry.mtrl_configs("smoke", variants="grpo_agg_last")) == ["grpo_agg_last"]
     with pytest.raises(ValueError, match="grpo_agg_max"):
         registry.mtrl_configs("smoke", variants="grpo_agg_max")
-    assert list(registry.multireward_configs("smoke")) == list(registry.MULTIREWARD_VARIANTS)
+    assert list(registry.multireward_configs("smoke")) == list(registry.MAIN_RUNS["multireward"])
+    assert list(registry.multireward_configs("smoke", study=True)) == list(registry.MULTIREWARD_VARIANTS)
+    every = {"npedit": registry.NPEDIT_VARIANTS, "multireward": registry.MULTIREWARD_VARIANTS,
+             "mtrl": registry.MTRL_VARIANTS}
+    assert all(set(main) < set(every[stage]) for stage, main in registry.MAIN_RUNS.items())  # the seed study has more
     # 0 steps means the profile's default; any other value is the run's length
     assert registry.mtrl_configs("tiny")["grpo_broadcast"].steps == 20
     assert registry.multireward_configs("tiny")["reward"].steps == 60
@@ -476,7 +481,7 @@ def test_a_finished_run_loads_without_a_training_step(smoke_data, tmp_path, monk
     monkeypatch.setenv("NB_EDIT_CACHE", str(tmp_path))
     found = registry.trained_runs("smoke", 0, smoke_data)
     assert [r.status for r in found if r.stage == "multireward"] == [
-        "absent (notebook 06's judge annotations are not in the cache)"] * len(registry.MULTIREWARD_VARIANTS)
+        "absent (notebook 06's judge annotations are not in the cache)"] * len(registry.MAIN_RUNS["multireward"])
     run = found[0]
     assert run.name == "npedit_full" and run.status == "absent (never trained)"
     with pytest.raises(RuntimeError, match="05_npedit.ipynb"):

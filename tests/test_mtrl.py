@@ -241,7 +241,7 @@ def test_grpo_smoke_training_updates_the_lora(data, clean_editor, tiny_judge, tm
 
 
 def test_the_reasoning_study_trains_with_a_generated_judge_answer(data, clean_editor, tiny_judge, tmp_path):
-    """registry.MTRL_STUDIES' generate mode: the judge writes its score, unparseable answers count
+    """The seed study's reasoning-mode run (registry.MTRL_VARIANTS "grpo_reasoning_generate"): the judge writes its score, unparseable answers count
     as failures, and training goes on (failed scores are imputed within their group)."""
     from nb_edit.methods import registry
     from nb_edit.methods.mtrl.train import make_reward

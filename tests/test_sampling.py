@@ -7,8 +7,14 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from torch import nn
 
-from nb_edit.flow.sampling import (euler_sample, flow_sigmas, one_step_estimate, sde_sample, sde_step_with_logprob,
-                                   unroll_two_steps)
+from nb_edit.flow.sampling import (
+    euler_sample,
+    flow_sigmas,
+    one_step_estimate,
+    sde_sample,
+    sde_step_with_logprob,
+    unroll_two_steps,
+)
 
 torch.set_num_threads(1)
 

@@ -36,7 +36,7 @@ from nb_edit.models.vlm.judge import VLMJudge
 from nb_edit.rewards.single_turn import JudgeReward, annotate_rewards
 from nb_edit.training.checkpoint import STEP_PREFIX, latest_checkpoint
 
-__all__ = ["MODEL_SETTING", "MTRL_STUDIES", "MTRL_VARIANTS", "MULTIREWARD_VARIANTS", "NPEDIT_VARIANTS", "STAGES", "STAGE_CONFIGS",
+__all__ = ["MAIN_RUNS", "MODEL_SETTING", "MTRL_VARIANTS", "MULTIREWARD_VARIANTS", "NPEDIT_VARIANTS", "STAGES", "STAGE_CONFIGS",
            "TrainedRun",
            "annotated_triplets", "mtrl_configs", "multireward_configs", "npedit_configs", "reward_annotations",
            "run_dir", "stage_config", "train_stage", "trained_runs"]
@@ -53,15 +53,21 @@ MTRL_VARIANTS: dict[str, dict[str, Any]] = {  # name -> MTRLConfig settings
     "nft_perturn": dict(algorithm="nft", advantage="perturn"),
     "grpo_reward_fusion": dict(algorithm="grpo", advantage="broadcast", fusion="reward"),
     "grpo_singleturn": dict(algorithm="grpo", n_turns=1),
-}
-# MT-EditFlow's design axes, measured beside the main runs: how turn scores aggregate into the
-# trajectory's score, and how the judge is read (its "reasoning modes"). The seed study trains
-# them (``mtrl_variants: all``); the main job leaves them out to keep within its time.
-MTRL_STUDIES: dict[str, dict[str, Any]] = {
+    # the paper's design axes: how turn scores aggregate into the trajectory's score ("mean" is
+    # grpo_broadcast), and how the judge is read, its "reasoning modes" ("expected" is grpo_broadcast)
     **{f"grpo_agg_{how}": dict(algorithm="grpo", advantage="broadcast", aggregation=how)
-       for how in ("min", "product", "last")},  # "mean" is grpo_broadcast
+       for how in ("min", "product", "last")},
     **{f"grpo_reasoning_{mode}": dict(algorithm="grpo", advantage="broadcast", reasoning=mode)
-       for mode in ("sampled", "generate")},  # "expected" is grpo_broadcast
+       for mode in ("sampled", "generate")},
+}
+# The main job's runs (``study=False``), which keep `make run` within its 30 minutes: each method,
+# the baselines its claims compare it with, and the ablations the issue's targets name. The seed
+# study (``study: true``, papermill_runs/seeds.yaml) trains every variant of each stage.
+MAIN_RUNS: dict[str, tuple[str, ...]] = {
+    "npedit": ("full", "dmd_only", "vlm_only"),
+    "multireward": ("noreward", "reward"),
+    "mtrl": ("grpo_broadcast", "grpo_perturn", "nft_broadcast", "nft_perturn", "grpo_reward_fusion",
+             "grpo_singleturn"),
 }
 
 
@@ -122,9 +128,10 @@ def run_dir(stage: str, cfg, data_folder) -> Path:
     return cache.checkpoint_dir(stage, {**cfg.identity(), "data": str(data_folder)})
 
 
-def _variant_names(wanted: str | Sequence[str], known: Sequence[str], stage: str) -> list[str]:
+def _variant_names(wanted: str | Sequence[str], known: Sequence[str], stage: str, study: bool) -> list[str]:
+    """The variants named in ``wanted``; none named: every one (``study``) or the main job's."""
     names = [v.strip() for v in wanted.split(",")] if isinstance(wanted, str) else list(wanted)
-    names = [v for v in names if v] or list(known)
+    names = [v for v in names if v] or list(known if study else MAIN_RUNS[stage])
     unknown = sorted(set(names) - set(known))
     if unknown:
         raise ValueError(f"{stage} variants {unknown} are unknown; choose from {', '.join(known)}.")
@@ -147,38 +154,34 @@ def _configured(cls, profile: str, settings: dict, overrides: dict | None, world
 
 
 def npedit_configs(profile: str, *, seed: int = 0, steps: int = 0, teacher_id: str = "", judge_id: str = "",
-                   variants: str | Sequence[str] = "", overrides: dict | None = None,
+                   variants: str | Sequence[str] = "", study: bool = False, overrides: dict | None = None,
                    world_cfg=None) -> dict[str, NPEditConfig]:
-    """Notebook 05's runs: variant name -> configuration (``variants`` "" means every ablation);
-    ``overrides`` are more ``NPEditConfig`` settings and win over ``steps``; ``world_cfg`` is the
-    data's world (``shapesworld(settings)["world_cfg"]``, default the rich world)."""
+    """Notebook 05's runs: variant name -> configuration (``variants`` "" means the main job's,
+    ``MAIN_RUNS``, or every ablation with ``study``); ``overrides`` are more ``NPEditConfig``
+    settings and win over ``steps``; ``world_cfg`` is the data's world
+    (``shapesworld(settings)["world_cfg"]``, default the rich world)."""
     settings = dict(teacher_id=teacher_id, judge_id=judge_id, seed=seed, steps=steps or None)
     return {v: _configured(NPEditConfig, profile, {**settings, "variant": v}, overrides, world_cfg)
-            for v in _variant_names(variants, NPEDIT_VARIANTS, "npedit")}
+            for v in _variant_names(variants, NPEDIT_VARIANTS, "npedit", study)}
 
 
 def multireward_configs(profile: str, *, seed: int = 0, steps: int = 0, editor_id: str = "", judge_id: str = "",
-                        overrides: dict | None = None) -> dict[str, MultiRewardConfig]:
-    """Notebook 06's runs; ``overrides`` are more ``MultiRewardConfig`` settings and win over ``steps``."""
+                        study: bool = False, overrides: dict | None = None) -> dict[str, MultiRewardConfig]:
+    """Notebook 06's runs (the main job's, or every variant with ``study``); ``overrides`` are
+    more ``MultiRewardConfig`` settings and win over ``steps``."""
     settings = dict(seed=seed, editor_id=editor_id, judge_id=judge_id, steps=steps or None)
     return {v: _configured(MultiRewardConfig, profile, {**settings, "variant": v}, overrides)
-            for v in MULTIREWARD_VARIANTS}
+            for v in _variant_names("", MULTIREWARD_VARIANTS, "multireward", study)}
 
 
 def mtrl_configs(profile: str, *, seed: int = 0, steps: int = 0, policy_id: str = "", judge_id: str = "",
-                 variants: str | Sequence[str] = "", overrides: dict | None = None,
+                 variants: str | Sequence[str] = "", study: bool = False, overrides: dict | None = None,
                  world_cfg=None) -> dict[str, MTRLConfig]:
-    """Notebook 07's runs: variant name -> configuration. ``variants`` "" means the main runs
-    (``MTRL_VARIANTS``), "all" adds the design-axis studies (``MTRL_STUDIES``), or names some of
-    either; ``overrides`` and ``world_cfg`` as in :func:`npedit_configs`."""
+    """Notebook 07's runs: variant name -> configuration (``variants`` as in
+    :func:`npedit_configs`); ``overrides`` and ``world_cfg`` as there."""
     settings = dict(seed=seed, policy_id=policy_id, judge_id=judge_id, steps=steps or None)
-    known = {**MTRL_VARIANTS, **MTRL_STUDIES}
-    if variants == "all":
-        names = list(known)
-    else:
-        names = _variant_names(variants, list(known), "mtrl") if variants else list(MTRL_VARIANTS)
-    return {name: _configured(MTRLConfig, profile, {**settings, **known[name]}, overrides, world_cfg)
-            for name in names}
+    return {name: _configured(MTRLConfig, profile, {**settings, **MTRL_VARIANTS[name]}, overrides, world_cfg)
+            for name in _variant_names(variants, list(MTRL_VARIANTS), "mtrl", study)}
 
 
 def reward_annotations(data: dict, judge_id: str = ""):
@@ -236,7 +239,7 @@ def train_stage(stage: str, cfg, data: dict, ckpt_dir: Path | None = None):
 def trained_runs(profile: str, seed: int, data: dict, *, steps: int = 0, judge_id: str = "",
                  teacher_id: str = "", editor_id: str = "", policy_id: str = "",
                  npedit_overrides: dict | None = None, multireward_overrides: dict | None = None,
-                 mtrl_overrides: dict | None = None, mtrl_variants: str = "",
+                 mtrl_overrides: dict | None = None, study: bool = False,
                  stages: Sequence[str] = STAGES) -> list[TrainedRun]:
     """Every run notebooks 05-07 make with these parameters (the notebooks' parameter names;
     ``steps=0`` means the profile's default), found or not in the artifact cache.
@@ -250,7 +253,7 @@ def trained_runs(profile: str, seed: int, data: dict, *, steps: int = 0, judge_i
     runs: list[TrainedRun] = []
     if "npedit" in stages:
         configs = npedit_configs(profile, seed=seed, steps=steps, teacher_id=teacher_id, judge_id=judge_id,
-                                 overrides=npedit_overrides, world_cfg=data["world_cfg"])
+                                 study=study, overrides=npedit_overrides, world_cfg=data["world_cfg"])
         for variant, cfg in configs.items():
             runs.append(TrainedRun(f"npedit_{variant}", "npedit", cfg, run_dir("npedit", cfg, root), data["unpaired"],
                                    warmup_dir=shared_warmup_dir(cfg, root) if cfg.copy_warmup_steps else None))
@@ -258,14 +261,13 @@ def trained_runs(profile: str, seed: int, data: dict, *, steps: int = 0, judge_i
         folder, annotated = reward_annotations(data, judge_id)
         missing = "" if annotated is not None else "notebook 06's judge annotations are not in the cache"
         configs = multireward_configs(profile, seed=seed, steps=steps, editor_id=editor_id, judge_id=judge_id,
-                                      overrides=multireward_overrides)
+                                      study=study, overrides=multireward_overrides)
         for variant, cfg in configs.items():
             ckpt = run_dir("multireward", cfg, folder) if annotated is not None else None
             runs.append(TrainedRun(f"multireward_{variant}", "multireward", cfg, ckpt, annotated, missing))
     if "mtrl" in stages:
         train_sequences = data["multiturn"].split("train")
         for name, cfg in mtrl_configs(profile, seed=seed, steps=steps, policy_id=policy_id, judge_id=judge_id,
-                                      variants=mtrl_variants, overrides=mtrl_overrides,
-                                      world_cfg=data["world_cfg"]).items():
+                                      study=study, overrides=mtrl_overrides, world_cfg=data["world_cfg"]).items():
             runs.append(TrainedRun(f"mtrl_{name}", "mtrl", cfg, run_dir("mtrl", cfg, root), train_sequences))
     return runs

@@ -474,7 +474,7 @@ def test_condition_use_is_zero_at_init_and_moves_with_the_condition(stage):
 def test_multireward_refuses_bad_config_and_unannotated_data(stage, tmp_path):
     from nb_edit.methods.multireward.train import MultiRewardConfig, train_multireward
 
-    with pytest.raises(ValueError, match="variant='rewards'.*reward, noreward"):
+    with pytest.raises(ValueError, match="variant='rewards'.*noreward, reward, score_only, text_only"):
         MultiRewardConfig.for_profile("smoke", variant="rewards")
     cfg = MultiRewardConfig.for_profile("smoke", editor_id=str(stage["root"] / "noisy"))
     with pytest.raises(ValueError, match="annotate_rewards"):

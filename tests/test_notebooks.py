@@ -79,6 +79,19 @@ def test_readable_progress_writes_a_bar_s_final_state():
     assert "widgets" not in nb.metadata
     nbformat.validate(nb)
 
+    # a bar tqdm hid on closing (leave=False), finished before its first refresh: its saved text is
+    # still "0%", and a live notebook shows nothing, so neither does the saved one
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {
+        "box": model("HBoxModel", children=["IPY_MODEL_l", "IPY_MODEL_b", "IPY_MODEL_r"], layout="IPY_MODEL_lay"),
+        "lay": model("LayoutModel", visibility="hidden"),
+        "l": model("HTMLModel", value="copy:\u2007\u20070%"), "b": model("FloatProgressModel", value=8.0, max=8.0),
+        "r": model("HTMLModel", value="\u20070/8\u2007[00:00&lt;?, ?it/s]")}}}
+    cell.outputs = [nbformat.v4.new_output("display_data", data={
+        "application/vnd.jupyter.widget-view+json": {"model_id": "box", "version_major": 2, "version_minor": 0},
+        "text/plain": "copy:   0%|          | 0/8"}), nbformat.v4.new_output("stream", name="stdout", text="done\n")]
+    assert readable_progress(nb) == 1
+    assert [o.get("text") for o in cell.outputs] == ["done\n"]
+
 
 def test_small_png_fits_the_budget_and_stays_a_picture():
     import base64

@@ -26,12 +26,17 @@ WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 
 
 def _bar_text(models: dict, model_id: str) -> str | None:
-    """The final text of a tqdm widget (an HBox of HTML, FloatProgress, HTML), or None."""
+    """The final text of a tqdm widget (an HBox of HTML, FloatProgress, HTML), "" for a bar that
+    tqdm hid when it closed (``leave=False``: a viewer with widgets shows nothing; its saved text
+    may still be the first one, "0%", when it ended before its first refresh), or None."""
     box = models.get(model_id, {})
     children = [models.get(child.replace("IPY_MODEL_", ""), {}) for child in box.get("state", {}).get("children", [])]
     kinds = [child.get("model_name") for child in children]
     if kinds != ["HTMLModel", "FloatProgressModel", "HTMLModel"]:
         return None
+    layout = models.get(str(box.get("state", {}).get("layout", "")).replace("IPY_MODEL_", ""), {})
+    if layout.get("state", {}).get("visibility") == "hidden":
+        return ""
     left, bar, right = (child.get("state", {}) for child in children)
     value, most = bar.get("value") or 0.0, bar.get("max") or 0.0
     filled = int(round(10 * value / most)) if most else 0
@@ -40,7 +45,8 @@ def _bar_text(models: dict, model_id: str) -> str | None:
 
 
 def readable_progress(notebook: nbformat.NotebookNode) -> int:
-    """Replace widget progress bars by their final text and drop the widget state; returns how many."""
+    """Replace widget progress bars by their final text (hidden ones by nothing) and drop the
+    widget state; returns how many bars it replaced."""
     state = notebook.metadata.pop("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
     replaced = 0
     for cell in notebook.cells:
@@ -60,7 +66,8 @@ def readable_progress(notebook: nbformat.NotebookNode) -> int:
                 if plain:
                     outputs.append(nbformat.v4.new_output("display_data", data={"text/plain": plain}))
                 continue
-            outputs.append(nbformat.v4.new_output("stream", name="stderr", text=text + "\n"))
+            if text:  # a hidden bar (leave=False) leaves no text, as in a live notebook
+                outputs.append(nbformat.v4.new_output("stream", name="stderr", text=text + "\n"))
             replaced += 1
         cell.outputs = outputs
     return replaced

@@ -460,7 +460,10 @@ def test_the_registry_owns_each_run_and_its_folder(smoke_data):
     with pytest.raises(ValueError, match="grpo_agg_max"):
         registry.mtrl_configs("smoke", variants="grpo_agg_max")
     assert list(registry.multireward_configs("smoke")) == list(registry.MAIN_RUNS["multireward"])
-    assert list(registry.multireward_configs("smoke", study=True)) == list(registry.MULTIREWARD_VARIANTS)
+    every_reward = registry.multireward_configs("smoke", study=True)
+    assert list(every_reward) == list(registry.MULTIREWARD_VARIANTS)
+    assert (every_reward["reward_blocks"].variant, every_reward["reward_blocks"].injection) == ("reward", "blocks")
+    assert every_reward["reward"].injection == "time_embedding"
     every = {"npedit": registry.NPEDIT_VARIANTS, "multireward": registry.MULTIREWARD_VARIANTS,
              "mtrl": registry.MTRL_VARIANTS}
     assert all(set(main) < set(every[stage]) for stage, main in registry.MAIN_RUNS.items())  # the seed study has more

@@ -25,6 +25,7 @@ from nb_edit.models.lora import (
     load_lora_state_dict,
     lora_parameters,
     lora_state_dict,
+    merged_copy,
 )
 from nb_edit.models.text import NULL_TEXT, build_tiny_text_encoder, build_tokenizer
 from nb_edit.models.tiny_configs import TINY_MAX_TEXT_LENGTH, tiny_flux_config, tiny_unet_config, tiny_vae_config
@@ -302,6 +303,33 @@ def test_lora_generator_teacher_fake_share_one_base(backbone, text):
     with pytest.raises(ValueError, match="not attached"):
         with active_adapter(editor, "missing"):
             pass
+
+
+@pytest.mark.parametrize("backbone", ["unet", "dit"])
+def test_merged_copy_saves_the_adapted_editor_as_a_plain_model(backbone, text_encoder, text, tmp_path):
+    """merged_copy: one adapter folded into a copy of the base computes what the model computes
+    with that adapter active; the model keeps its adapters; the copy saves and loads by path."""
+    states, pooled = text
+    editor = editor_from_teacher(_teacher(backbone))
+    attach_lora(editor, rank=4, adapter_name="fake")
+    attach_lora(editor, rank=4, adapter_name="generator")
+    with torch.no_grad():
+        for p in lora_parameters(editor):
+            p.normal_(std=0.3)
+    x_t, t, source = _inputs()
+    with torch.no_grad(), active_adapter(editor, "generator"):
+        v_generator = editor(x_t, t, states, pooled, source)
+    merged = merged_copy(editor, "generator")
+    assert adapter_names(editor) == ["fake", "generator"] and not any("lora_" in n for n, _ in merged.named_parameters())
+    with torch.no_grad():
+        assert torch.allclose(merged(x_t, t, states, pooled, source), v_generator, atol=1e-5)
+        with adapters_disabled(editor):  # the base was not touched by the merge
+            assert not torch.allclose(editor(x_t, t, states, pooled, source), v_generator, atol=1e-3)
+    save_components(tmp_path / "merged", editor=merged, text_encoder=text_encoder)
+    with torch.no_grad():
+        assert torch.allclose(load_editor(tmp_path / "merged")(x_t, t, states, pooled, source), v_generator, atol=1e-5)
+    with pytest.raises(ValueError, match="not attached"):
+        merged_copy(editor, "missing")
 
 
 # ---------------------------------------------------------------- save_pretrained -> load by path

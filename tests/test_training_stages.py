@@ -110,6 +110,43 @@ def test_npedit_copy_warmup_comes_first_and_reads_sources_only(pretrained, data,
         NPEditTrainer(cfg.replace(copy_warmup_steps=0), data["unpaired"]).warm_up(tmp_path / "none")
 
 
+def test_flowgrpo_baseline_starts_from_npedit_warmup_with_as_many_edits(pretrained, data, tmp_path, monkeypatch):
+    """NP-Edit's Flow-GRPO baseline on equal terms: the same judge, the editor after NP-Edit's copy
+    warm-up as its start (exported once, read back by path), as many edited images as NP-Edit's
+    main stage, trained on NP-Edit's unpaired instructions."""
+    from nb_edit import world
+    from nb_edit.evaluation import harness
+    from nb_edit.flow.pipeline import load_pipeline
+    from nb_edit.methods import registry
+    from nb_edit.methods.mtrl.train import train_mtrl
+    from nb_edit.methods.npedit.train import NPEditConfig, NPEditTrainer, shared_warmup_dir, warmup_editor_dir
+
+    monkeypatch.setenv("NB_EDIT_CACHE", str(tmp_path / "cache"))
+    npe = NPEditConfig.for_profile("smoke", teacher_id=str(pretrained / "teacher"), judge_id=str(pretrained / "judge"),
+                                   copy_warmup_steps=2, steps=3, batch_size=2)
+    cfg, folder = registry.flowgrpo_baseline(npe, data, progress=False)
+    start = warmup_editor_dir(npe, data["root"])
+    assert (cfg.algorithm, cfg.n_turns, cfg.policy_id, cfg.judge_id) == ("grpo", 1, str(start), npe.judge_id)
+    assert cfg.sampling_steps == npe.sampling_steps and cfg.seed == npe.seed
+    per_rollout, rollouts = cfg.groups_per_step * cfg.group_size, cfg.steps // cfg.updates_per_rollout
+    assert cfg.steps % cfg.updates_per_rollout == 0
+    assert rollouts * per_rollout >= npe.steps * npe.batch_size > (rollouts - 1) * per_rollout
+
+    # the same start: the exported folder edits exactly as NP-Edit's generator right after its warm-up
+    warm = NPEditTrainer(npe, data["unpaired"])
+    warm.warm_up(shared_warmup_dir(npe, data["root"]), progress=False)
+    edits = harness.test_edits(data["test"])[:4]
+    sources = harness.render_sources(edits, world.WorldConfig.from_dict(npe.world))
+    instructions = [e.instruction for e in edits]
+    ours = harness.run_editor(warm.edit_pipeline(), sources, instructions, steps=2, seed=0)
+    exported = harness.run_editor(load_pipeline(start, device="cpu"), sources, instructions, steps=2, seed=0)
+    assert np.abs(ours.astype(int) - exported.astype(int)).max() <= 1
+    assert registry.flowgrpo_baseline(npe, data, progress=False) == (cfg, folder)  # found again, not re-exported
+
+    _, history = train_mtrl(cfg, data["unpaired"], folder, progress=False)
+    assert len(history) == cfg.steps and all("reward_if" in h for h in history)
+
+
 def test_npedit_refuses_paired_data(pretrained, data, tmp_path):
     from nb_edit.methods.npedit.train import NPEditConfig, train_npedit
 

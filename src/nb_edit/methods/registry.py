@@ -28,17 +28,23 @@ from nb_edit.core.runtime import placement
 from nb_edit.core.validation import BadInputError
 from nb_edit.data.store import read_dataset
 from nb_edit.methods.mtrl.train import MTRLConfig, train_mtrl
-from nb_edit.methods.multireward.train import VARIANTS as MULTIREWARD_VARIANTS  # the baseline, the method, Table 4
+from nb_edit.methods.multireward.train import VARIANTS as MULTIREWARD_CONDITIONS  # the baseline, the method, Table 4
 from nb_edit.methods.multireward.train import MultiRewardConfig, train_multireward
 from nb_edit.methods.npedit.train import VARIANTS as NPEDIT_VARIANTS  # the full method and the paper's ablations
-from nb_edit.methods.npedit.train import NPEditConfig, NPEditTrainer, shared_warmup_dir, train_npedit
+from nb_edit.methods.npedit.train import (
+    NPEditConfig,
+    NPEditTrainer,
+    shared_warmup_dir,
+    train_npedit,
+    warmup_editor_dir,
+)
 from nb_edit.models.vlm.judge import VLMJudge
 from nb_edit.rewards.single_turn import JudgeReward, annotate_rewards
 from nb_edit.training.checkpoint import STEP_PREFIX, latest_checkpoint
 
 __all__ = ["MAIN_RUNS", "MODEL_SETTING", "MTRL_VARIANTS", "MULTIREWARD_VARIANTS", "NPEDIT_VARIANTS", "STAGES", "STAGE_CONFIGS",
            "TrainedRun",
-           "annotated_triplets", "mtrl_configs", "multireward_configs", "npedit_configs", "reward_annotations",
+           "annotated_triplets", "flowgrpo_baseline", "mtrl_configs", "multireward_configs", "npedit_configs", "reward_annotations",
            "run_dir", "stage_config", "train_stage", "trained_runs"]
 
 STAGES = ("npedit", "multireward", "mtrl")
@@ -63,6 +69,13 @@ MTRL_VARIANTS: dict[str, dict[str, Any]] = {  # name -> MTRLConfig settings
 # The main job's runs (``study=False``), which keep `make run` within its 30 minutes: each method,
 # the baselines its claims compare it with, and the ablations the issue's targets name. The seed
 # study (``study: true``, papermill_runs/seeds.yaml) trains every variant of each stage.
+MULTIREWARD_VARIANTS: dict[str, dict[str, Any]] = {  # name -> MultiRewardConfig settings
+    **{name: dict(variant=name) for name in MULTIREWARD_CONDITIONS},
+    # where Linear_2(c_R) enters: after each UNet block, eq. 3 as written, against "reward"'s
+    # addition to the timestep embedding (this project's default)
+    "reward_blocks": dict(variant="reward", injection="blocks"),
+}
+
 MAIN_RUNS: dict[str, tuple[str, ...]] = {
     "npedit": ("full", "dmd_only", "vlm_only"),
     "multireward": ("noreward", "reward"),
@@ -170,8 +183,8 @@ def multireward_configs(profile: str, *, seed: int = 0, steps: int = 0, editor_i
     """Notebook 06's runs (the main job's, or every variant with ``study``); ``overrides`` are
     more ``MultiRewardConfig`` settings and win over ``steps``."""
     settings = dict(seed=seed, editor_id=editor_id, judge_id=judge_id, steps=steps or None)
-    return {v: _configured(MultiRewardConfig, profile, {**settings, "variant": v}, overrides)
-            for v in _variant_names("", MULTIREWARD_VARIANTS, "multireward", study)}
+    return {v: _configured(MultiRewardConfig, profile, {**settings, **MULTIREWARD_VARIANTS[v]}, overrides)
+            for v in _variant_names("", list(MULTIREWARD_VARIANTS), "multireward", study)}
 
 
 def mtrl_configs(profile: str, *, seed: int = 0, steps: int = 0, policy_id: str = "", judge_id: str = "",
@@ -182,6 +195,41 @@ def mtrl_configs(profile: str, *, seed: int = 0, steps: int = 0, policy_id: str 
     settings = dict(seed=seed, policy_id=policy_id, judge_id=judge_id, steps=steps or None)
     return {name: _configured(MTRLConfig, profile, {**settings, **MTRL_VARIANTS[name]}, overrides, world_cfg)
             for name in _variant_names(variants, list(MTRL_VARIANTS), "mtrl", study)}
+
+
+def flowgrpo_baseline(npedit_cfg: NPEditConfig, data: dict, overrides: dict | None = None,
+                      progress: bool = True) -> tuple[MTRLConfig, Path]:
+    """NP-Edit's comparison with Flow-GRPO on equal terms: (configuration, run folder) of a
+    single-turn Flow-GRPO run that uses the same judge as its reward, starts from the same editor
+    (the one after NP-Edit's copy warm-up, exported once as a model folder,
+    :func:`~nb_edit.methods.npedit.train.warmup_editor_dir`, and the reference of its KL), trains
+    on NP-Edit's unpaired instructions (``data["unpaired"]``) and samples as many edited images
+    as NP-Edit's main stage: ``steps x batch_size`` edits, in rollouts of
+    ``groups_per_step x group_size`` (``groups_per_step`` = batch_size // group_size, at least 1),
+    each rollout serving ``updates_per_rollout`` optimizer steps. ``overrides`` are more
+    ``MTRLConfig`` settings (e.g. ``{"quantization": None}``); the step count is derived, not set.
+    Train it with ``train_mtrl(cfg, data["unpaired"], folder)``."""
+    start = warmup_editor_dir(npedit_cfg, data["root"])
+    if not start.exists() and placement(npedit_cfg).quantization:
+        raise BadInputError(f"NPEditConfig.quantization={npedit_cfg.quantization!r}",
+                            "the Flow-GRPO baseline starts from NP-Edit's editor after its warm-up, exported by "
+                            "merging its LoRA into the base, and merging into quantised weights is lossy",
+                            "run notebook 05 with npedit_overrides: {quantization: null} for this comparison")
+    if not start.exists():
+        trainer = NPEditTrainer(npedit_cfg, data["unpaired"])
+        if npedit_cfg.copy_warmup_steps:
+            trainer.warm_up(shared_warmup_dir(npedit_cfg, data["root"]), progress=progress)
+        trainer.save_editor(start)
+        del trainer
+    overrides = {k: v for k, v in (overrides or {}).items() if k != "steps"}
+    settings = dict(algorithm="grpo", advantage="broadcast", n_turns=1, policy_id=str(start),
+                    judge_id=npedit_cfg.judge_id, seed=npedit_cfg.seed, sampling_steps=npedit_cfg.sampling_steps, world=npedit_cfg.world)
+    cfg = _configured(MTRLConfig, npedit_cfg.profile, settings, overrides)
+    groups = max(1, npedit_cfg.batch_size // cfg.group_size)
+    images = npedit_cfg.steps * npedit_cfg.batch_size
+    rollouts = -(-images // (groups * cfg.group_size))  # ceil: at least as many edits as NP-Edit
+    cfg = cfg.replace(groups_per_step=groups, steps=rollouts * cfg.updates_per_rollout)
+    return cfg, run_dir("mtrl", cfg, data["root"])
 
 
 def reward_annotations(data: dict, judge_id: str = ""):

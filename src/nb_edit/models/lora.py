@@ -22,6 +22,7 @@ the teacher.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from contextlib import contextmanager
 
@@ -159,3 +160,26 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     with torch.no_grad():
         for name, tensor in state.items():
             own[name].copy_(tensor)
+
+
+def merged_copy(model: nn.Module, adapter_name: str) -> nn.Module:
+    """A copy of ``model`` with ``adapter_name`` merged into its base weights and every LoRA
+    layer removed: a plain model that computes what ``model`` computes with that adapter active,
+    ready for ``save_pretrained``. ``model`` itself is left as it was. The base must not be
+    quantised (a merge into 4-/8-bit weights is lossy): load it with ``quantization=None``."""
+    _check_adapter(model, adapter_name)
+    if any(getattr(p, "quant_state", None) is not None or p.dtype in (torch.int8, torch.uint8)
+           for p in model.parameters()):
+        raise ValueError("merged_copy: this model's base is quantised; merging into 4-/8-bit weights is lossy. "
+                         "Load the base with quantization=None (e.g. the config's quantization: null) to merge.")
+    merged = copy.deepcopy(model)
+    for name, module in list(merged.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge(adapter_names=[adapter_name])
+            parent_name, _, child = name.rpartition(".")
+            setattr(merged.get_submodule(parent_name) if parent_name else merged, child, module.get_base_layer())
+    for p in merged.parameters():
+        p.requires_grad_(False)
+    if hasattr(merged, "peft_config"):  # set by peft on the module it injected into
+        del merged.peft_config
+    return merged

@@ -35,6 +35,7 @@ Qwen2.5-VL judge, both NF4, bf16 autocast and gradient checkpointing.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -53,8 +54,15 @@ from nb_edit.flow.pipeline import EditPipeline
 from nb_edit.flow.sampling import one_step_estimate, unroll_two_steps
 from nb_edit.methods.npedit.dmd import dmd_generator_loss, fake_score_loss
 from nb_edit.models.editors import UNetEditor, editing_base
-from nb_edit.models.loaders import load_autoencoder, load_editor, load_text_encoder
-from nb_edit.models.lora import active_adapter, adapters_disabled, attach_lora, lora_parameters, set_active_adapter
+from nb_edit.models.loaders import load_autoencoder, load_editor, load_text_encoder, save_components
+from nb_edit.models.lora import (
+    active_adapter,
+    adapters_disabled,
+    attach_lora,
+    lora_parameters,
+    merged_copy,
+    set_active_adapter,
+)
 from nb_edit.models.vlm.judge import VLMJudge
 from nb_edit.rewards.formulas import temperature_ramp
 from nb_edit.rewards.single_turn import JudgeReward
@@ -344,6 +352,18 @@ class NPEditTrainer:
         set_active_adapter(self.model, "generator")
         return self.pipe
 
+    def save_editor(self, folder: Path) -> Path:
+        """The generator as a model folder in the hub layout (``load_pipeline(folder)`` and
+        ``MTRLConfig(policy_id=folder)`` read it): its adapter merged into a copy of the base,
+        saved with the teacher's text encoder and autoencoder. After :meth:`warm_up` this is the
+        editor the main stage starts from, so another method can start from it too."""
+        folder = Path(folder)
+        partial = folder.with_name(folder.name + ".partial")  # a folder that exists is complete
+        shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted save
+        save_components(partial, merged_copy(self.model, "generator"), self.pipe.text_encoder, self.pipe.autoencoder)
+        partial.rename(folder)
+        return folder
+
 
 def warmup_key(cfg: NPEditConfig) -> dict[str, Any]:
     """What the copy warm-up depends on (not the variant, nor the main stage's own settings)."""
@@ -358,6 +378,14 @@ def shared_warmup_dir(cfg: NPEditConfig, data_root) -> Path:
     ``data_root`` shares (notebook 05 trains it once; ``fit(..., warmup_dir=)`` finds it)."""
 
     return cache.checkpoint_dir("npedit", {**warmup_key(cfg), "data": str(data_root)})
+
+
+def warmup_editor_dir(cfg: NPEditConfig, data_root) -> Path:
+    """The artifact-cache folder of the editor after the copy warm-up as a model folder
+    (:meth:`NPEditTrainer.save_editor`), keyed as the warm-up is: what Flow-GRPO starts from when
+    it is compared with NP-Edit from the same initialisation."""
+
+    return cache.checkpoint_dir("npedit_warmup_editor", {**warmup_key(cfg), "data": str(data_root)})
 
 
 def train_npedit(cfg: NPEditConfig, dataset, ckpt_dir: Path, device: torch.device | str | None = None):

@@ -320,7 +320,8 @@ def test_merged_copy_saves_the_adapted_editor_as_a_plain_model(backbone, text_en
     with torch.no_grad(), active_adapter(editor, "generator"):
         v_generator = editor(x_t, t, states, pooled, source)
     merged = merged_copy(editor, "generator")
-    assert adapter_names(editor) == ["fake", "generator"] and not any("lora_" in n for n, _ in merged.named_parameters())
+    assert adapter_names(editor) == ["fake", "generator"]
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
     with torch.no_grad():
         assert torch.allclose(merged(x_t, t, states, pooled, source), v_generator, atol=1e-5)
         with adapters_disabled(editor):  # the base was not touched by the merge

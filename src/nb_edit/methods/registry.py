@@ -44,8 +44,8 @@ from nb_edit.training.checkpoint import STEP_PREFIX, latest_checkpoint
 
 __all__ = ["MAIN_RUNS", "MODEL_SETTING", "MTRL_VARIANTS", "MULTIREWARD_VARIANTS", "NPEDIT_VARIANTS", "STAGES", "STAGE_CONFIGS",
            "TrainedRun",
-           "annotated_triplets", "flowgrpo_baseline", "mtrl_configs", "multireward_configs", "npedit_configs", "reward_annotations",
-           "run_dir", "stage_config", "train_stage", "trained_runs"]
+           "annotated_triplets", "flowgrpo_baseline", "mtrl_configs", "multireward_configs", "npedit_configs",
+           "reward_annotations", "run_dir", "stage_config", "train_stage", "trained_runs"]
 
 STAGES = ("npedit", "multireward", "mtrl")
 STAGE_CONFIGS = {"npedit": NPEditConfig, "multireward": MultiRewardConfig, "mtrl": MTRLConfig}
@@ -66,9 +66,7 @@ MTRL_VARIANTS: dict[str, dict[str, Any]] = {  # name -> MTRLConfig settings
     **{f"grpo_reasoning_{mode}": dict(algorithm="grpo", advantage="broadcast", reasoning=mode)
        for mode in ("sampled", "generate")},
 }
-# The main job's runs (``study=False``), which keep `make run` within its 30 minutes: each method,
-# the baselines its claims compare it with, and the ablations the issue's targets name. The seed
-# study (``study: true``, papermill_runs/seeds.yaml) trains every variant of each stage.
+
 MULTIREWARD_VARIANTS: dict[str, dict[str, Any]] = {  # name -> MultiRewardConfig settings
     **{name: dict(variant=name) for name in MULTIREWARD_CONDITIONS},
     # where Linear_2(c_R) enters: after each UNet block, eq. 3 as written, against "reward"'s
@@ -76,6 +74,9 @@ MULTIREWARD_VARIANTS: dict[str, dict[str, Any]] = {  # name -> MultiRewardConfig
     "reward_blocks": dict(variant="reward", injection="blocks"),
 }
 
+# The main job's runs (``study=False``), which keep `make run` within its 30 minutes: each method,
+# the baselines its claims compare it with, and the ablations its claims name. The seed study
+# (``study: true``, papermill_runs/seeds.yaml) trains every variant of each stage.
 MAIN_RUNS: dict[str, tuple[str, ...]] = {
     "npedit": ("full", "dmd_only", "vlm_only"),
     "multireward": ("noreward", "reward"),
@@ -223,7 +224,8 @@ def flowgrpo_baseline(npedit_cfg: NPEditConfig, data: dict, overrides: dict | No
         del trainer
     overrides = {k: v for k, v in (overrides or {}).items() if k != "steps"}
     settings = dict(algorithm="grpo", advantage="broadcast", n_turns=1, policy_id=str(start),
-                    judge_id=npedit_cfg.judge_id, seed=npedit_cfg.seed, sampling_steps=npedit_cfg.sampling_steps, world=npedit_cfg.world)
+                    judge_id=npedit_cfg.judge_id, seed=npedit_cfg.seed, sampling_steps=npedit_cfg.sampling_steps,
+                    world=npedit_cfg.world)
     cfg = _configured(MTRLConfig, npedit_cfg.profile, settings, overrides)
     groups = max(1, npedit_cfg.batch_size // cfg.group_size)
     images = npedit_cfg.steps * npedit_cfg.batch_size

@@ -211,12 +211,12 @@ def flowgrpo_baseline(npedit_cfg: NPEditConfig, data: dict, overrides: dict | No
     ``MTRLConfig`` settings (e.g. ``{"quantization": None}``); the step count is derived, not set.
     Train it with ``train_mtrl(cfg, data["unpaired"], folder)``."""
     start = warmup_editor_dir(npedit_cfg, data["root"])
-    if not start.exists() and placement(npedit_cfg).quantization:
-        raise BadInputError(f"NPEditConfig.quantization={npedit_cfg.quantization!r}",
-                            "the Flow-GRPO baseline starts from NP-Edit's editor after its warm-up, exported by "
-                            "merging its LoRA into the base, and merging into quantised weights is lossy",
-                            "run notebook 05 with npedit_overrides: {quantization: null} for this comparison")
     if not start.exists():
+        if placement(npedit_cfg).quantization:  # refused before any model loads
+            raise BadInputError(f"NPEditConfig.quantization={npedit_cfg.quantization!r}",
+                                "the Flow-GRPO baseline starts from NP-Edit's editor after its warm-up, exported by "
+                                "merging its LoRA into the base, and merging into quantised weights is lossy",
+                                "run notebook 05 with npedit_overrides: {quantization: null} for this comparison")
         trainer = NPEditTrainer(npedit_cfg, data["unpaired"])
         if npedit_cfg.copy_warmup_steps:
             trainer.warm_up(shared_warmup_dir(npedit_cfg, data["root"]), progress=progress)

@@ -69,7 +69,8 @@ def test_npedit_trains_without_targets(pretrained, data, tmp_path, variant):
     pipe, history = train_npedit(cfg, data["unpaired"], tmp_path / "ckpt")
     assert len(history) == cfg.copy_warmup_steps + cfg.steps
     last = history[-1]
-    assert {"loss_vlm", "grad_vlm", "curve_oracle_success", "curve_judge_yes"} <= set(last)
+    assert {"loss_vlm", "grad_vlm", "curve_oracle_success", "curve_oracle_followed", "curve_oracle_preserved",
+            "curve_judge_yes"} <= set(last)
     assert ("loss_dmd" in last) == (variant != "vlm_only")
     assert all(h["skipped"] == 0 for h in history)
 

@@ -5,6 +5,8 @@ Every run has its own folder ``papermill_runs/<run_id>/`` holding the executed n
 ``metrics.json`` is ONE flat JSON object whose keys are dotted lowercase names
 (``npedit.full.oracle_success``) and whose values are finite numbers; a figure measured over
 several seeds is stored as its mean under the key, with ``<key>.sd`` and ``<key>.n`` beside it.
+A training curve is stored point by point as ``<prefix>.curve.step<NNNNN>.<name>``
+(:func:`curve_metrics`), so a seed study folds each point over seeds like any figure.
 ``items.json`` keeps, under the same keys, the per-item scores behind a figure for each seed (the
 claims' paired tests read them).
 
@@ -33,6 +35,7 @@ from nb_edit.core import paths
 from nb_edit.core.validation import BadInputError
 
 KEY_PATTERN = re.compile(r"^[a-z0-9_]+(\.[a-z0-9_]+)+$")
+CURVE_KEY = re.compile(r"^(?P<prefix>.+)\.curve\.step(?P<step>\d+)\.(?P<name>[a-z0-9_]+)$")
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 INTERACTIVE_RUN = "interactive"
 
@@ -230,6 +233,20 @@ def record_metrics(run: Run, metrics: Mapping[str, Any]) -> dict[str, float]:
         merged.update(checked)
         _atomic_write_text(run.metrics_path, json.dumps(merged, indent=1, sort_keys=True))
     return checked
+
+
+def curve_metrics(prefix: str, history: Iterable[Mapping[str, Any]], names: Iterable[str],
+                  field: str = "curve_{}") -> dict[str, float]:
+    """A training curve as metrics: ``<prefix>.curve.step<NNNNN>.<name>`` for every record of
+    ``history`` (``{"step": ..., ...}``) that holds ``field.format(name)``. Recorded per seed, a
+    seed study folds each point over seeds; the report shows the curves as a table."""
+    names = list(names)
+    out = {}
+    for record in history:
+        for name in names:
+            if field.format(name) in record:
+                out[f"{prefix}.curve.step{int(record['step']):05d}.{name}"] = float(record[field.format(name)])
+    return out
 
 
 def items_path(run: Run) -> Path:

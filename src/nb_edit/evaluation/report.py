@@ -5,7 +5,8 @@ scores: each claim's quantities with their intervals over seeds, the paired effe
 interval and the three-way verdict), then lists every
 metric of the run's ``metrics.json`` (grouped by their first name part, with the seed-study
 ``.sd``/``.n`` and the bootstrap ``.ci_low``/``.ci_high`` of notebook 08 folded into the mean's
-row) and shows every figure the notebooks saved under ``figures/``.
+row), then the training curves recorded point by point (``runs.curve_metrics``) as one table per
+curve, step by step, and shows every figure the notebooks saved under ``figures/``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from nb_edit.core.runs import Run, read_metrics
+from nb_edit.core.runs import CURVE_KEY, Run, read_metrics
 from nb_edit.evaluation.claims import claims_markdown, evaluate_run
 
 FOLDED = (".sd", ".n", ".ci_low", ".ci_high")  # suffixes shown in the row of the key they qualify
@@ -26,11 +27,49 @@ def _format(value: float) -> str:
     return f"{value:.4g}"
 
 
+def _cell(metrics: dict[str, float], key: str) -> str:
+    cell = _format(metrics[key])
+    if f"{key}.sd" in metrics and f"{key}.n" in metrics:
+        cell += f" ± {_format(metrics[key + '.sd'])} (n={_format(metrics[key + '.n'])})"
+    if f"{key}.ci_low" in metrics and f"{key}.ci_high" in metrics:
+        cell += f" [{_format(metrics[key + '.ci_low'])}, {_format(metrics[key + '.ci_high'])}]"
+    return cell
+
+
+def _is_curve(key: str) -> bool:
+    return bool(CURVE_KEY.match(key) or key.endswith(FOLDED) and CURVE_KEY.match(key.rsplit(".", 1)[0]))
+
+
+def curves_table(metrics: dict[str, float]) -> str:
+    """The training curves of the metrics (``<prefix>.curve.step<N>.<name>``): a table per prefix,
+    a row per step and a column per name, ``mean ± sd (n)`` where a seed study ran; "" if none."""
+    curves: dict[str, dict[int, dict[str, str]]] = defaultdict(lambda: defaultdict(dict))
+    names: dict[str, list[str]] = defaultdict(list)
+    for key in sorted(metrics):
+        match = CURVE_KEY.match(key)
+        if match is None:  # (a folded .sd / .n never matches: a name holds no dot)
+            continue
+        prefix, step, name = match["prefix"], int(match["step"]), match["name"]
+        curves[prefix][step][name] = _cell(metrics, key)
+        if name not in names[prefix]:
+            names[prefix].append(name)
+    lines: list[str] = []
+    for prefix, points in curves.items():
+        cols = names[prefix]
+        lines += [f"### {prefix}", "", "| step | " + " | ".join(f"`{c}`" for c in cols) + " |",
+                  "|---" * (len(cols) + 1) + "|"]
+        lines += [f"| {step} | " + " | ".join(points[step].get(c, "") for c in cols) + " |" for step in sorted(points)]
+        lines.append("")
+    return "\n".join(lines)
+
+
 def metrics_table(metrics: dict[str, float]) -> str:
     """Markdown tables of the metrics, one per group, ``mean ± sd (n)`` where a seed study ran and
     ``mean [low, high]`` where a bootstrap interval over items was recorded."""
     groups: dict[str, list[str]] = defaultdict(list)
     for key in sorted(metrics):
+        if _is_curve(key):
+            continue  # curves_table shows them
         if key.endswith(FOLDED):
             base = key.rsplit(".", 1)[0]
             if base in metrics:
@@ -40,12 +79,7 @@ def metrics_table(metrics: dict[str, float]) -> str:
     for group, keys in groups.items():
         lines += [f"### {group}", "", "| metric | value |", "|---|---|"]
         for key in keys:
-            cell = _format(metrics[key])
-            if f"{key}.sd" in metrics and f"{key}.n" in metrics:
-                cell += f" ± {_format(metrics[key + '.sd'])} (n={_format(metrics[key + '.n'])})"
-            if f"{key}.ci_low" in metrics and f"{key}.ci_high" in metrics:
-                cell += f" [{_format(metrics[key + '.ci_low'])}, {_format(metrics[key + '.ci_high'])}]"
-            lines.append(f"| `{key}` | {cell} |")
+            lines.append(f"| `{key}` | {_cell(metrics, key)} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -65,6 +99,10 @@ def write_report(run: Run, title: str | None = None, to: Path | None = None) -> 
             lines += ["Notebook wall times (s): " + ", ".join(
                 f"{name} {sec:.0f}" for name, sec in config["timings_s"].items()), ""]
     lines += ["## Metrics", "", metrics_table(metrics) if metrics else "(no metrics recorded)", ""]
+    curves = curves_table(metrics)
+    if curves:
+        lines += ["## Training curves", "", "Measured during training on a fixed set of held-out edits "
+                  "(steps count from the start of training, a warm-up included).", "", curves]
     figures = sorted((run.dir / "figures").glob("*.png")) if (run.dir / "figures").exists() else []
     if figures and to is None:
         lines += ["## Figures", ""]

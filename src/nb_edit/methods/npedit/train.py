@@ -288,7 +288,8 @@ class NPEditTrainer:
 
     @torch.no_grad()
     def curve_point(self, step: int) -> dict[str, float]:
-        """Judge's and oracle's view of the generator on fixed held-out-from-training sources."""
+        """Judge's and oracle's view of the generator on fixed held-out-from-training sources: the
+        judge's "yes" to both questions, and the oracle's success, followed and preserved."""
         if not hasattr(self, "_curve"):
             rng = np.random.default_rng(1234)
             world_cfg = world.WorldConfig.from_dict(self.cfg.world)
@@ -302,7 +303,8 @@ class NPEditTrainer:
                                          edit_types=[e.edit_type for e in edits])
         verdicts = [world.judge(s, e, o, world_cfg) for s, e, o in zip(sources, edits, outputs)]
         return {"curve_judge_yes": float(((judged["followed"] > 0.5) & (judged["preserved"] > 0.5)).float().mean()),
-                "curve_oracle_success": float(np.mean([v.success for v in verdicts]))}
+                **{f"curve_oracle_{k}": float(np.mean([getattr(v, k) for v in verdicts]))
+                   for k in ("success", "followed", "preserved")}}
 
     def _loop(self, steps: int, lr: float | None = None) -> LoopConfig:
         cfg = self.cfg

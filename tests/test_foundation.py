@@ -71,6 +71,25 @@ def test_seed_summary_and_report(run):
     assert "| `npedit.full.oracle_success` | 0.6 ± 0.1 (n=3) |" in text
 
 
+def test_a_curve_is_recorded_point_by_point_and_tabulated_by_step(run):
+    history = [{"step": 0, "curve_oracle_success": 0.1, "curve_judge_yes": 0.2},
+               {"step": 10, "loss": 1.0},  # not a curve point
+               {"step": 300, "curve_oracle_success": 0.3, "curve_judge_yes": 0.4}]
+    points = runs.curve_metrics("npedit.full", history, ("judge_yes", "oracle_success", "oracle_followed"))
+    assert points == {"npedit.full.curve.step00000.judge_yes": 0.2, "npedit.full.curve.step00000.oracle_success": 0.1,
+                      "npedit.full.curve.step00300.judge_yes": 0.4, "npedit.full.curve.step00300.oracle_success": 0.3}
+    for key, value in points.items():  # as a seed study folds them
+        runs.record_metrics(run, runs.seed_summary(key, [value - 0.05, value + 0.05]))
+    runs.record_metrics(run, {"npedit.full.oracle_success": 0.25})
+    text = report.write_report(run).read_text()
+    curves = text.split("## Training curves", 1)[1]
+    assert "| step | `judge_yes` | `oracle_success` |" in curves
+    assert "| 0 | 0.2 ± 0.07071 (n=2) | 0.1 ± 0.07071 (n=2) |" in curves
+    assert "| 300 | 0.4 ± 0.07071 (n=2) | 0.3 ± 0.07071 (n=2) |" in curves
+    metrics_part = text.split("## Metrics", 1)[1].split("## Training curves", 1)[0]
+    assert "| `npedit.full.oracle_success` | 0.25 |" in metrics_part and ".curve." not in metrics_part
+
+
 def test_bad_run_id_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(paths, "runs_dir", lambda: tmp_path)
     with pytest.raises(ValueError, match="RUN_ID"):

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -348,3 +349,24 @@ def test_a_folder_that_existed_before_is_never_removed(runs_root, toy_books, mon
     with pytest.raises(RuntimeError):
         cli.main(["run", "--run-id", "mine"])
     assert (runs_root / "mine").is_dir()
+
+
+
+@pytest.mark.parametrize("flags, expected", [([], None), (["--cell-timeout", "600"], 600)])
+def test_a_cell_runs_without_a_time_limit_unless_one_is_given(monkeypatch, runs_root, toy_books, flags, expected):
+    """A seed study's training cell runs for hours on two cores: by default the runner gives papermill no
+    cell limit (it used to stop such a cell after an hour)."""
+    seen = []
+
+    class FakePapermill:
+        PapermillExecutionError = RuntimeError
+
+        @staticmethod
+        def execute_notebook(book, out, **kwargs):
+            seen.append(kwargs["execution_timeout"])
+            Path(out).write_text(Path(book).read_text())
+
+    real = cli._execute
+    monkeypatch.setattr(cli, "_execute", lambda pm, book, out, params, args: real(FakePapermill, book, out, params, args))
+    assert cli.main(["run", "--run-id", "limits", "--only", "00", *flags]) == 0
+    assert seen == [expected]

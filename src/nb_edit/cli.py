@@ -241,7 +241,7 @@ def _execute(pm, book: Path, out: Path, params: dict[str, Any], args: argparse.N
         pm.execute_notebook(
             str(book), str(out), parameters=params, kernel_name="python3",
             cwd=str(paths.notebooks_dir()), log_output=args.log_output,
-            execution_timeout=args.cell_timeout, progress_bar=False,
+            execution_timeout=args.cell_timeout or None, progress_bar=False,  # 0: no limit
         )
     except pm.PapermillExecutionError as exc:
         print(f"{book.name} failed: {exc.ename}: {exc.evalue}", file=sys.stderr)
@@ -489,7 +489,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("-f", "--file", action="append", default=[], help="YAML parameter file (repeatable)")
     run.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
     run.add_argument("--only", default=None, help="comma-separated notebook numbers, e.g. 00,01")
-    run.add_argument("--cell-timeout", type=int, default=3600)
+    run.add_argument("--cell-timeout", type=int, default=0, metavar="SECONDS",
+                     help="stop a cell that runs longer than this; 0 (default) sets no limit, since one training "
+                          "cell runs for hours in a seed study or at full scale (its checkpoints resume it)")
     run.add_argument("--log-output", action="store_true", help="stream cell outputs to the terminal")
     reuse = run.add_mutually_exclusive_group()
     reuse.add_argument("--resume", action="store_true",

@@ -351,7 +351,6 @@ def test_a_folder_that_existed_before_is_never_removed(runs_root, toy_books, mon
     assert (runs_root / "mine").is_dir()
 
 
-
 @pytest.mark.parametrize("flags, expected", [([], None), (["--cell-timeout", "600"], 600)])
 def test_a_cell_runs_without_a_time_limit_unless_one_is_given(monkeypatch, runs_root, toy_books, flags, expected):
     """A seed study's training cell runs for hours on two cores: by default the runner gives papermill no

@@ -75,7 +75,7 @@ def test_a_curve_is_recorded_point_by_point_and_tabulated_by_step(run):
     history = [{"step": 0, "curve_oracle_success": 0.1, "curve_judge_yes": 0.2},
                {"step": 10, "loss": 1.0},  # not a curve point
                {"step": 300, "curve_oracle_success": 0.3, "curve_judge_yes": 0.4}]
-    points = runs.curve_metrics("npedit.full", history, ("judge_yes", "oracle_success", "oracle_followed"))
+    points = runs.curve_metrics("npedit.full", history)
     assert points == {"npedit.full.curve.step00000.judge_yes": 0.2, "npedit.full.curve.step00000.oracle_success": 0.1,
                       "npedit.full.curve.step00300.judge_yes": 0.4, "npedit.full.curve.step00300.oracle_success": 0.3}
     for key, value in points.items():  # as a seed study folds them

@@ -235,18 +235,13 @@ def record_metrics(run: Run, metrics: Mapping[str, Any]) -> dict[str, float]:
     return checked
 
 
-def curve_metrics(prefix: str, history: Iterable[Mapping[str, Any]], names: Iterable[str],
-                  field: str = "curve_{}") -> dict[str, float]:
-    """A training curve as metrics: ``<prefix>.curve.step<NNNNN>.<name>`` for every record of
-    ``history`` (``{"step": ..., ...}``) that holds ``field.format(name)``. Recorded per seed, a
-    seed study folds each point over seeds; the report shows the curves as a table."""
-    names = list(names)
-    out = {}
-    for record in history:
-        for name in names:
-            if field.format(name) in record:
-                out[f"{prefix}.curve.step{int(record['step']):05d}.{name}"] = float(record[field.format(name)])
-    return out
+def curve_metrics(prefix: str, history: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+    """A training curve as metrics: ``<prefix>.curve.step<NNNNN>.<name>`` for every ``curve_<name>``
+    field of every record of ``history`` (``{"step": ..., "curve_oracle_success": ..., ...}``, as the
+    trainers log their periodic checks). Recorded per seed, a seed study folds each point over seeds;
+    the report shows the curves as a table."""
+    return {f"{prefix}.curve.step{int(record['step']):05d}.{field[len('curve_'):]}": float(value)
+            for record in history for field, value in record.items() if field.startswith("curve_")}
 
 
 def items_path(run: Run) -> Path:
